@@ -70,6 +70,10 @@ class CogVideoXConfig:
       raise UnsupportedConfigError(
           "config: use_learned_positional_embeddings=True requires "
           "use_rotary_positional_embeddings=True (as in diffusers)")
+    if self.use_rotary_positional_embeddings and self.attention_head_dim % 16:
+      raise UnsupportedConfigError(
+          f"config: attention_head_dim={self.attention_head_dim} must be a multiple of 16 "
+          "with use_rotary_positional_embeddings (3D RoPE splits it 2:3:3)")
     if self.inner_dim % 16 or self.attention_head_dim % 8:
       raise UnsupportedConfigError(
           f"config: hidden size {self.inner_dim} must be a multiple of 16 and "

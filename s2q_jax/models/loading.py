@@ -86,7 +86,7 @@ def save_converted(model: CogVideoXTransformer3D, folder: str) -> None:
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump({**model.config.to_dict(), FORMAT_KEY: {"format": "flax-orbax", "dtype": dtype}},
               f, indent=2)
-  state = nnx.state(model, nnx.Param).to_pure_dict()
+  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(os.path.join(folder, PARAMS_DIR)), state)
 
@@ -117,7 +117,7 @@ def load_pretrained(path: str, dtype=None, *, allow_pickle: bool = False
     dtype = dtype or meta.get("dtype", "float32")
     model = abstract_model(config, dtype)
     state = nnx.state(model, nnx.Param)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
     try:
       with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
