@@ -25,8 +25,13 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16", allow_pickle: bool =
   # Imported here so `--help` answers without initialising JAX.
   from s2q_jax.models import loading  # pylint: disable=import-outside-toplevel
   with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-    model = loading.load_pretrained(src, DTYPES[dtype], allow_pickle=allow_pickle)
-    loading.save_converted(model, tmp)
+    if loading.is_converted(src):
+      model = loading.load_pretrained(src, DTYPES[dtype])
+      loading.save_model(model, tmp)
+      return
+    config = loading.read_config(src)
+    params = loading.DiffusersParams(src, config, DTYPES[dtype], allow_pickle=allow_pickle)
+    loading.save_converted(config, params, tmp)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ from conversion import keymap
 from conversion.checkpoint_files import CheckpointError, TensorSource, config_path
 from s2q_jax.models.cogvideox import CogVideoXTransformer3D
 from s2q_jax.models.config import CogVideoXConfig
-from s2q_jax.models.params import load_flat_params, param_shapes
+from s2q_jax.models.params import flat_params, load_flat_params, param_shapes
 
 FORMAT_KEY = "_s2q_jax"
 PARAMS_DIR = "params"
@@ -39,37 +39,42 @@ def model_from_params(config: CogVideoXConfig, params: Mapping[str, np.ndarray |
   return model
 
 
-def read_diffusers_params(folder: str, config: CogVideoXConfig, dtype=None, *,
-                          allow_pickle: bool = False) -> dict[str, jax.Array]:
-  """Reads and converts a diffusers state dict tensor by tensor, checking every key first.
+class DiffusersParams(Mapping):
+  """{dotted Flax path: array} over a diffusers folder, each tensor read on access.
 
-  `dtype` None keeps the dtype the checkpoint stores its output projection in.
+  Every key and shape is checked up front, so a bad checkpoint fails before
+  any work; reading lazily keeps peak memory at about one copy of the model.
   """
-  source = TensorSource(folder, allow_pickle=allow_pickle)
-  shapes = {path: shape for path, (shape, _) in param_shapes(abstract_model(config)).items()}
-  wanted = {keymap.torch_key(path): path for path in shapes}
-  present = set(source.keys())
-  problems = []
-  missing = sorted(set(wanted) - present)
-  unexpected = sorted(present - set(wanted))
-  if missing:
-    problems.append(f"missing keys: {', '.join(missing)}")
-  if unexpected:
-    problems.append(f"unexpected keys: {', '.join(unexpected)}")
-  misshaped = []
-  for key in sorted(present & set(wanted)):
-    path = wanted[key]
-    torch_shape = _torch_shape(path, shapes[path], config)
-    if source.shape(key) != torch_shape:
-      misshaped.append(f"{key} {source.shape(key)} (expected {torch_shape})")
-  if misshaped:
-    problems.append(f"mis-shaped keys: {', '.join(misshaped)}")
-  if problems:
-    raise CheckpointError(f"{folder} does not match its config.json:\n  " + "\n  ".join(problems))
-  if dtype is None:
-    dtype = source.get(keymap.torch_key("proj_out.kernel")).dtype
-  return {path: jnp.asarray(keymap.to_flax(path, source.get(key), shapes[path]), dtype)
-          for key, path in wanted.items()}
+
+  def __init__(self, folder: str, config: CogVideoXConfig, dtype=None, *,
+               allow_pickle: bool = False):
+    self._source = source = TensorSource(folder, allow_pickle=allow_pickle)
+    self._shapes = {p: s for p, (s, _) in param_shapes(abstract_model(config)).items()}
+    self._keys = {path: keymap.torch_key(path) for path in self._shapes}
+    wanted, present = set(self._keys.values()), set(source.keys())
+    problems = []
+    if missing := sorted(wanted - present):
+      problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected := sorted(present - wanted):
+      problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    misshaped = [f"{key} {source.shape(key)} (expected {expected})"
+                 for path, key in sorted(self._keys.items()) if key in present
+                 if source.shape(key) != (expected := _torch_shape(path, self._shapes[path], config))]
+    if misshaped:
+      problems.append(f"mis-shaped keys: {', '.join(misshaped)}")
+    if problems:
+      raise CheckpointError(f"{folder} does not match its config.json:\n  " + "\n  ".join(problems))
+    self.dtype = np.dtype(dtype) if dtype is not None else source.get(self._keys["proj_out.kernel"]).dtype
+
+  def __getitem__(self, path: str) -> jax.Array:
+    return jnp.asarray(keymap.to_flax(path, self._source.get(self._keys[path]), self._shapes[path]),
+                       self.dtype)
+
+  def __iter__(self):
+    return iter(self._shapes)
+
+  def __len__(self) -> int:
+    return len(self._shapes)
 
 
 def _torch_shape(path: str, flax_shape: tuple[int, ...], config: CogVideoXConfig):
@@ -79,20 +84,35 @@ def _torch_shape(path: str, flax_shape: tuple[int, ...], config: CogVideoXConfig
   return tuple(reversed(flax_shape)) if path.endswith(".kernel") else tuple(flax_shape)
 
 
-def save_converted(model: CogVideoXTransformer3D, folder: str) -> None:
-  """Writes config.json and an orbax checkpoint of the parameters into `folder` (must be new)."""
+def save_converted(config: CogVideoXConfig, params: Mapping[str, np.ndarray | jax.Array],
+                   folder: str) -> None:
+  """Writes config.json and an orbax checkpoint of `params` ({dotted path: array}) into `folder`.
+
+  `params` may be lazy (`DiffusersParams`): each array is read once, while
+  the tree is built.
+  """
   os.makedirs(folder, exist_ok=True)
-  dtype = jnp.dtype(model.dtype).name
+  tree = jax.tree_util.tree_map_with_path(
+      lambda path, _: params[".".join(str(getattr(k, "key", k)) for k in path)],
+      nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param)))
+  dtype = np.dtype(next(iter(jax.tree.leaves(tree))).dtype).name
   with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump({**model.config.to_dict(), FORMAT_KEY: {"format": "flax-orbax", "dtype": dtype}},
-              f, indent=2)
-  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    json.dump({**config.to_dict(), FORMAT_KEY: {"format": "flax-orbax", "dtype": dtype}}, f,
+              indent=2)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(os.path.join(folder, PARAMS_DIR)), state)
+    ckptr.save(os.path.abspath(os.path.join(folder, PARAMS_DIR)), tree)
+
+
+def save_model(model: CogVideoXTransformer3D, folder: str) -> None:
+  save_converted(model.config, flat_params(model), folder)
 
 
 def is_converted(folder: str) -> bool:
   return os.path.isdir(os.path.join(folder, PARAMS_DIR))
+
+
+def read_config(folder: str) -> CogVideoXConfig:
+  return _read_config(folder)[0]
 
 
 def _read_config(folder: str) -> tuple[CogVideoXConfig, dict]:
@@ -127,5 +147,5 @@ def load_pretrained(path: str, dtype=None, *, allow_pickle: bool = False
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, dtype), restored))
     nnx.update(model, state)
     return model
-  params = read_diffusers_params(path, config, dtype, allow_pickle=allow_pickle)
-  return model_from_params(config, params, next(iter(params.values())).dtype)
+  params = DiffusersParams(path, config, dtype, allow_pickle=allow_pickle)
+  return model_from_params(config, params, params.dtype)
