@@ -1,0 +1,36 @@
+"""Defaults of the main job's config; each `configs/wXaY.py` sets the bits and method."""
+import ml_collections
+
+# Layers kept in full precision by default: embeddings in, final norm and projection out.
+KEEP_FP = (r"patch_embed\.", r"time_embedding\.", r"ofs_embedding\.", r"norm_out\.", r"proj_out$")
+
+
+def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = method  # rtn | s2q
+  c.workdir = f"workdir/w{w_bits}a{a_bits}_{method}"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = ""  # empty: the embedded model; else a diffusers CogVideoX folder or converted one
+  c.model.dtype = "float32"
+
+  c.quant = ml_collections.ConfigDict()
+  c.quant.w_bits = w_bits
+  c.quant.a_bits = a_bits
+  c.quant.keep_fp = list(KEEP_FP)
+  # {regex on the layer path: "wXaY"}; first match wins, e.g. {r"transformer_blocks\.0\.": "w8a8"}.
+  c.quant.overrides = ml_collections.ConfigDict()
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.num_steps = 25
+  c.sampler.guidance_scale = 5.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_videos = 8
+  # Latent video size for models without stored conditions (the embedded model uses its own).
+  c.eval.frames = 8
+  c.eval.height = 32
+  c.eval.width = 32
+  c.eval.gif_scale = 4
+  return c
