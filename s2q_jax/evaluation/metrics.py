@@ -52,14 +52,16 @@ def temporal_consistency(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
 
   1 means the quantized video changes from frame to frame exactly as the
   full-precision one does (up to a positive factor); 0 means unrelated
-  motion. Pairs where both videos are static count as 1.
+  motion (also when only one of the two is static); pairs where both are
+  static count as 1.
   """
   b, f = reference.shape[:2]
   d_ref = np.diff(_clip(reference), axis=1).reshape(b, f - 1, -1)
   d_test = np.diff(_clip(test), axis=1).reshape(b, f - 1, -1)
   dot = np.sum(d_ref * d_test, axis=-1)
-  norms = np.linalg.norm(d_ref, axis=-1) * np.linalg.norm(d_test, axis=-1)
-  cos = np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0)
+  n_ref, n_test = np.linalg.norm(d_ref, axis=-1), np.linalg.norm(d_test, axis=-1)
+  both_static = (n_ref == 0) & (n_test == 0)
+  cos = np.where(both_static, 1.0, dot / np.maximum(n_ref * n_test, 1e-30))
   return cos.mean(axis=1)
 
 

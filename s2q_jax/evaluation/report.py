@@ -1,0 +1,66 @@
+"""The main job's outputs: report.json, report.md and the printed summary."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def write_report(workdir: str, report: dict[str, Any]) -> tuple[str, str]:
+  """Writes report.json and report.md into `workdir`; returns their paths."""
+  json_path = os.path.join(workdir, "report.json")
+  md_path = os.path.join(workdir, "report.md")
+  tmp = json_path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(report, f, indent=2)
+  os.replace(tmp, json_path)
+  with open(md_path, "w") as f:
+    f.write(to_markdown(report))
+  return json_path, md_path
+
+
+def _fmt_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+    n /= 1024
+  return str(n)
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+  m, s, t = r["metrics"], r["size"], r["timing"]
+  lines = [
+      f"# {r['method']} W{r['w_bits']}A{r['a_bits']} on {r['model']}", "",
+      "Quantized vs full-precision videos generated from the same noise and conditions "
+      f"({r['eval']['num_videos']} videos, {r['eval']['num_steps']} sampler steps, "
+      f"guidance {r['eval']['guidance_scale']}).", "",
+      "| PSNR (dB) | SSIM | temporal consistency |", "|---|---|---|",
+      f"| {m['psnr']:.2f} | {m['ssim']:.4f} | {m['temporal_consistency']:.4f} |", "",
+      "## Size", "",
+      "| weights in bf16 | quantized model | compression |", "|---|---|---|",
+      f"| {_fmt_bytes(s['fp_bytes'])} | {_fmt_bytes(s['quant_bytes'])} | {s['compression']:.2f}× |",
+      "",
+      f"{len(r['layers']['quantized'])} layers quantized, "
+      f"{len(r['layers']['full_precision'])} Linear layers kept in full precision: "
+      + ", ".join(f"`{p}`" for p in r["layers"]["full_precision"]) + ".", "",
+      "## Time per stage (s)", "",
+      "| " + " | ".join(t) + " |", "|" + "---|" * len(t),
+      "| " + " | ".join(f"{v:.1f}" for v in t.values()) + " |", "",
+      "## Videos", "",
+  ]
+  lines += [f"- `{os.path.basename(g)}`" for g in r["videos"]]
+  if r.get("calibration"):
+    lines += ["", "## Calibration", "", "```", json.dumps(r["calibration"], indent=2), "```"]
+  return "\n".join(lines) + "\n"
+
+
+def summary_table(r: dict[str, Any]) -> str:
+  m, s = r["metrics"], r["size"]
+  rows = [("method", r["method"]), ("bits", f"W{r['w_bits']}A{r['a_bits']}"),
+          ("PSNR (dB)", f"{m['psnr']:.2f}"), ("SSIM", f"{m['ssim']:.4f}"),
+          ("temporal consistency", f"{m['temporal_consistency']:.4f}"),
+          ("weights bf16 → quantized", f"{_fmt_bytes(s['fp_bytes'])} → "
+           f"{_fmt_bytes(s['quant_bytes'])} ({s['compression']:.2f}×)"),
+          ("total time", f"{sum(r['timing'].values()):.1f} s")]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)

@@ -1,0 +1,144 @@
+"""The main job: load → FP videos → calibrate → quantize → quantized videos → evaluate → report."""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from conversion.checkpoint_files import CheckpointError
+from s2q_jax import conditions as conditions_lib
+from s2q_jax import embedded, quant
+from s2q_jax.data import gif
+from s2q_jax.errors import UserError
+from s2q_jax.evaluation import metrics, report as report_lib
+from s2q_jax.generation import generate
+from s2q_jax.models import UnsupportedConfigError, load_pretrained
+
+METHODS = ("rtn",)
+
+
+def validate(cfg: ConfigDict) -> None:
+  if cfg.method not in METHODS:
+    raise UserError(f"unknown method {cfg.method!r}: set --config.method to one of "
+                    f"{', '.join(METHODS)}")
+  for name in ("w_bits", "a_bits"):
+    bits = cfg.quant[name]
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+      raise UserError(f"quant.{name}={bits!r} is outside 2–8: set --config.quant.{name} "
+                      "to an integer from 2 to 8")
+  for name in ("num_videos", "frames", "height", "width"):
+    if cfg.eval[name] < 1:
+      raise UserError(f"eval.{name} must be at least 1")
+  if cfg.sampler.num_steps < 1:
+    raise UserError("sampler.num_steps must be at least 1")
+
+
+def prepare_workdir(path: str) -> str:
+  path = os.path.abspath(path)
+  try:
+    os.makedirs(os.path.join(path, "videos"), exist_ok=True)
+    probe = os.path.join(path, ".write-test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"cannot write to workdir {path} ({e.strerror}): "
+                    "choose another with --config.workdir") from None
+  return path
+
+
+def load_model(cfg: ConfigDict):
+  """(model, folder, display name) for config.model.path (empty: the embedded model)."""
+  folder = cfg.model.path or embedded.path()
+  name = os.path.basename(os.path.normpath(cfg.model.path)) if cfg.model.path else embedded.NAME
+  try:
+    return load_pretrained(folder, cfg.model.dtype), folder, name
+  except (CheckpointError, UnsupportedConfigError, FileNotFoundError) as e:
+    raise UserError(f"model.path {folder!r} is not a supported model: {e}") from None
+
+
+def eval_inputs(cfg: ConfigDict, model, folder: str):
+  """Noise, conditions, null condition and names of the evaluation videos."""
+  n = cfg.eval.num_videos
+  mc = model.config
+  if conditions_lib.has_conditions(folder):
+    table, names = conditions_lib.load_conditions(folder)
+    idx = np.arange(n) % len(names)
+    cond, uncond, names = table[idx], table[-1], [names[i] for i in idx]
+  else:  # a real CogVideoX: no text encoder here, so random stand-in "prompts"
+    rng = np.random.default_rng(cfg.seed)
+    cond = rng.standard_normal((n, mc.max_text_seq_length, mc.text_embed_dim), np.float32)
+    uncond, names = np.zeros_like(cond[0]), [f"random-{i}" for i in range(n)]
+  shape = (n, cfg.eval.frames, mc.in_channels, cfg.eval.height, cfg.eval.width)
+  noise = np.asarray(jax.random.normal(jax.random.key(cfg.seed), shape), np.float32)
+  return noise, cond, uncond, names
+
+
+class _Stages:
+  """Times named stages and prints progress."""
+
+  def __init__(self):
+    self.timing: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, name: str, what: str):
+    print(f"[{len(self.timing) + 1}] {what}...", flush=True)
+    start = time.perf_counter()
+    yield
+    self.timing[name] = time.perf_counter() - start
+    print(f"    done in {self.timing[name]:.1f}s", flush=True)
+
+
+def run(cfg: ConfigDict) -> dict[str, Any]:
+  validate(cfg)
+  workdir = prepare_workdir(cfg.workdir)
+  stage = _Stages()
+  with stage("load", "loading model"):
+    model, folder, model_name = load_model(cfg)
+    noise, cond, uncond, names = eval_inputs(cfg, model, folder)
+    try:
+      rules = quant.rules_from_config(cfg.quant)
+    except ValueError as e:
+      raise UserError(f"quant config: {e}") from None
+  gen = dict(num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale)
+  with stage("fp_generation", f"generating {len(noise)} full-precision videos"):
+    fp_videos = generate(model, noise, cond, uncond, label="full precision", **gen)
+  with stage("quantization", f"quantizing ({cfg.method}, W{cfg.quant.w_bits}A{cfg.quant.a_bits})"):
+    layers = quant.quantize_model(model, rules)
+    quant.freeze_all(model)
+    size = quant.storage_bytes(model)
+  with stage("quant_generation", f"generating {len(noise)} quantized videos"):
+    q_videos = generate(model, noise, cond, uncond, label="quantized", **gen)
+  with stage("evaluation", "evaluating and writing videos"):
+    scores = metrics.summarize(fp_videos, q_videos)
+    videos = []
+    for i, (fp, q, name) in enumerate(zip(fp_videos, q_videos, names)):
+      path = os.path.join(workdir, "videos", f"{i:02d}_{_slug(name)}.gif")
+      gif.save_side_by_side(path, [fp, q], scale=cfg.eval.gif_scale)
+      videos.append(path)
+  report = {
+      "method": cfg.method, "w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits,
+      "model": model_name, "metrics": scores,
+      "size": {k: size[k] for k in ("fp_bytes", "quant_bytes", "compression")},
+      "timing": stage.timing,
+      "layers": {"quantized": [l.path for l in layers if l.quantized],
+                 "full_precision": [l.path for l in layers if not l.quantized]},
+      "eval": {"num_videos": len(noise), "num_steps": cfg.sampler.num_steps,
+               "guidance_scale": cfg.sampler.guidance_scale, "seed": cfg.seed,
+               "conditions": names},
+      "videos": videos,
+  }
+  json_path, md_path = report_lib.write_report(workdir, report)
+  print("\n" + report_lib.summary_table(report))
+  print(f"\nreport: {json_path}\n        {md_path}\nvideos: {os.path.dirname(videos[0])}/ "
+        "(left: full precision, right: quantized)")
+  return report
+
+
+def _slug(name: str) -> str:
+  return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:40]
