@@ -1,0 +1,1 @@
+"""Data for the embedded model: procedural videos and GIF output."""
