@@ -21,9 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(num_frames=8, height=32, width=32, text_len=8))
 
   c.batch_size = 8
-  c.num_steps = 2500
+  c.num_steps = 1800
   c.learning_rate = 1e-3
-  c.warmup_steps = 200
+  c.warmup_steps = 150
   c.weight_decay = 0.01
   c.grad_clip = 1.0
   c.cond_dropout = 0.1  # fraction trained unconditionally, for classifier-free guidance
