@@ -2,7 +2,7 @@
 import ml_collections
 
 # Layers kept in full precision by default: embeddings in, final norm and projection out.
-KEEP_FP = (r"patch_embed\.", r"time_embedding\.", r"ofs_embedding\.", r"norm_out\.", r"proj_out$")
+KEEP_FP = (r"^patch_embed\.", r"^time_embedding\.", r"^ofs_embedding\.", r"^norm_out\.", r"^proj_out$")
 
 
 def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigDict:

@@ -4,7 +4,7 @@
 """
 import sys
 
-from absl import app
+from absl import app, logging
 from ml_collections import config_flags
 
 from s2q_jax import job
@@ -22,6 +22,7 @@ def main(argv) -> int:
   if _CONFIG.value is None:
     print("error: pass a config, e.g. --config configs/w4a6.py", file=sys.stderr)
     return 2
+  logging.set_verbosity(logging.WARNING)  # checkpoint libraries log every file at INFO
   try:
     job.run(_CONFIG.value)
   except UserError as e:

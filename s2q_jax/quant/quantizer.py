@@ -1,0 +1,57 @@
+"""Uniform symmetric quantizers: per-output-channel weights, dynamic per-token activations.
+
+b-bit codes are the integers [-2^(b-1), 2^(b-1) - 1] (6-bit: [-32, 31]);
+scales map absmax onto 2^(b-1) - 1. Rounding uses a straight-through
+estimator so clipping factors, smoothing scales and rotations can be learned
+through the quantizer.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MIN_BITS, MAX_BITS = 2, 8
+_TINY = 1e-8  # scale of an all-zero channel or token: any positive value reproduces the zeros
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+  if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+    raise ValueError(f"{what}={bits!r}: must be an integer from {MIN_BITS} to {MAX_BITS}")
+  return bits
+
+
+def qrange(bits: int) -> tuple[int, int]:
+  """(lowest, highest) code of a signed b-bit integer."""
+  return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def round_ste(x: jax.Array) -> jax.Array:
+  """round(x) forward, identity backward."""
+  return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def quantize(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
+  """Integer codes of x / scale (in x's float dtype, so gradients pass)."""
+  lo, hi = qrange(bits)
+  return jnp.clip(round_ste(x / scale), lo, hi)
+
+
+def weight_scales(w: jax.Array, bits: int, clip: jax.Array | None = None) -> jax.Array:
+  """(N,) scales of a (K, N) kernel: max_k |w[k, n]| · clip_n / (2^(b-1) - 1)."""
+  absmax = jnp.max(jnp.abs(w), axis=0)
+  if clip is not None:
+    absmax = absmax * clip
+  return jnp.maximum(absmax, _TINY) / qrange(bits)[1]
+
+
+def activation_scales(x: jax.Array, bits: int) -> jax.Array:
+  """(..., 1) scales of each token (row of the last axis), computed from the data itself."""
+  absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  return jnp.maximum(jax.lax.stop_gradient(absmax), _TINY) / qrange(bits)[1]
+
+
+def fake_quant_activations(x: jax.Array, bits: int) -> jax.Array:
+  """Dynamic per-token quantize → dequantize, computed in float32."""
+  xf = x.astype(jnp.float32)
+  scale = activation_scales(xf, bits)
+  return (quantize(xf, scale, bits) * scale).astype(x.dtype)
