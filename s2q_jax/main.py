@@ -4,7 +4,7 @@
 """
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from s2q_jax import job
@@ -14,14 +14,35 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
                                           lock_config=True)
 
 
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with bad configs and overrides reported in one line."""
+  try:
+    rest = flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    _fail(f"unknown config key {e}: run with --config=FILE and check the names in that file")
+  except SyntaxError as e:
+    _fail(f"cannot load the --config file: {e.msg} ({e.filename}, line {e.lineno})")
+  except Exception as e:  # pylint: disable=broad-except
+    # Anything raised while parsing is a bad command line or config file.
+    _fail(f"bad command line: {str(e).strip().splitlines()[0]}")
+  if _CONFIG.value is None:
+    _fail("pass a config, e.g. --config configs/w4a6.py")
+  try:
+    _CONFIG.value.keys()  # a config file that failed to load raises only when touched
+  except (OSError, SyntaxError, AttributeError) as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    _fail(f"cannot load the --config file: {reason}")
+  return rest
+
+
 def main(argv) -> int:
   if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}; options are --config and --config.KEY=VALUE",
-          file=sys.stderr)
-    return 2
-  if _CONFIG.value is None:
-    print("error: pass a config, e.g. --config configs/w4a6.py", file=sys.stderr)
-    return 2
+    _fail(f"unexpected arguments {argv[1:]}; options are --config and --config.KEY=VALUE")
   logging.set_verbosity(logging.WARNING)  # checkpoint libraries log every file at INFO
   try:
     job.run(_CONFIG.value)
@@ -32,4 +53,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

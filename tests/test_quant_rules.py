@@ -1,0 +1,89 @@
+"""Layer selection on the real model's paths, module surgery and storage accounting."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from s2q_jax import quant
+from s2q_jax.job_config import KEEP_FP
+from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
+from s2q_jax.quant import packing
+
+CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                      time_embed_dim=32, text_embed_dim=24, num_layers=2, sample_width=12,
+                      sample_height=8, sample_frames=9, patch_size=2, max_text_seq_length=7)
+TOP_LEVEL = {"patch_embed.proj", "patch_embed.text_proj", "time_embedding.linear_1",
+             "time_embedding.linear_2", "norm_out.linear", "proj_out"}
+
+
+def _model():
+  return CogVideoXTransformer3D(CFG, rngs=nnx.Rngs(0))
+
+
+def test_default_rules_quantize_every_block_linear_and_nothing_else():
+  model = _model()
+  infos = quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP))
+  fp = {i.path for i in infos if not i.quantized}
+  q = {i.path for i in infos if i.quantized}
+  assert fp == TOP_LEVEL
+  per_block = {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out", "ff.proj_in",
+               "ff.proj_out", "norm1.linear", "norm2.linear"}
+  assert q == {f"transformer_blocks.{b}.{n}" for b in range(2) for n in per_block}
+  assert {p for p, _ in quant.quantized_layers(model)} == q
+  assert all(isinstance(m, quant.QuantLinear) == (p in q) for p, m in quant.iter_linears(model))
+
+
+def test_overrides_and_first_match_wins():
+  rules = quant.make_rules(4, 6, keep_fp=KEEP_FP, overrides={
+      r"transformer_blocks\.0\.": "w8a8", r"\.ff\.": "w3afp"})
+  assert quant.match(rules, "transformer_blocks.0.ff.proj_in") == (8, 8)
+  assert quant.match(rules, "transformer_blocks.1.ff.proj_in") == (3, None)
+  assert quant.match(rules, "transformer_blocks.1.attn1.to_q") == (4, 6)
+  assert quant.match(rules, "proj_out") is None
+
+
+@pytest.mark.parametrize("spec", ["w9a6", "x4a6", "w4a1"])
+def test_bad_bit_specs_are_refused(spec):
+  with pytest.raises(ValueError):
+    quant.make_rules(4, 6, overrides={"a": spec})
+
+
+def test_bad_pattern_is_refused():
+  with pytest.raises(ValueError, match="bad layer pattern"):
+    quant.make_rules(4, 6, keep_fp=["(unclosed"])
+
+
+def test_quantized_model_still_runs_and_differs_slightly():
+  model = _model()
+  x, text, t = jnp.ones((1, 2, 4, 8, 12)) * 0.3, jnp.ones((1, 7, 24)) * 0.1, jnp.array([500])
+  ref = model(x, text, t)
+  quant.quantize_model(model, quant.make_rules(8, 8, keep_fp=KEEP_FP))
+  out = model(x, text, t)
+  assert not np.array_equal(out, ref)
+  assert float(jnp.abs(out - ref).max() / jnp.abs(ref).max()) < 0.05
+
+
+def test_storage_accounting_matches_hand_arithmetic():
+  model = _model()
+  n_params = sum(v.size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  infos = quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP))
+  size = quant.storage_bytes(model)
+  assert size["fp_bytes"] == 2 * n_params
+  expected = 2 * n_params
+  for i in infos:
+    if i.quantized:
+      k, n = i.shape
+      expected -= 2 * (k * n + n)  # bf16 kernel and bias replaced by...
+      expected += n * packing.packed_row_bytes(k, 4) + 4 * n + 2 * n  # codes, f32 scales, bias
+  assert size["quant_bytes"] == expected
+  assert size["compression"] == pytest.approx(size["fp_bytes"] / size["quant_bytes"])
+
+
+def test_large_four_bit_model_approaches_but_stays_under_4x():
+  big = CogVideoXConfig(num_attention_heads=8, attention_head_dim=64, in_channels=4, out_channels=4,
+                        time_embed_dim=64, text_embed_dim=32, num_layers=2, sample_width=8,
+                        sample_height=8, sample_frames=1, patch_size=2, max_text_seq_length=4)
+  model = CogVideoXTransformer3D(big, rngs=nnx.Rngs(0))
+  quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP))
+  ratio = quant.storage_bytes(model)["compression"]
+  assert 3.6 < ratio < 4.0
