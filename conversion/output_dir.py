@@ -20,8 +20,17 @@ def atomic_output_dir(dst: str, *, overwrite: bool = False):
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
   try:
     yield tmp
+    # mkdtemp and some writers create owner-only files; give the result normal permissions.
+    os.chmod(tmp, 0o777 & ~umask)
+    for root, dirs, files in os.walk(tmp):
+      for name in dirs:
+        os.chmod(os.path.join(root, name), 0o777 & ~umask)
+      for name in files:
+        os.chmod(os.path.join(root, name), 0o666 & ~umask)
     if os.path.exists(dst):
       shutil.rmtree(dst)
     os.replace(tmp, dst)
