@@ -7,7 +7,8 @@ from flax import nnx
 
 from s2q_jax import quant
 from s2q_jax.models.layers import Linear
-from s2q_jax.quant import packing, quantizer
+from pallas_kernels import packing
+from s2q_jax.quant import quantizer
 
 
 def _x(shape, seed=0):

@@ -7,7 +7,7 @@ from flax import nnx
 from s2q_jax import quant
 from s2q_jax.job_config import KEEP_FP
 from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
-from s2q_jax.quant import packing
+from pallas_kernels import packing
 
 CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
                       time_embed_dim=32, text_embed_dim=24, num_layers=2, sample_width=12,

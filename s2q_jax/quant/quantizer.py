@@ -10,19 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-MIN_BITS, MAX_BITS = 2, 8
+from pallas_kernels.bits import check_bits, qrange  # noqa: F401  (re-exported)
+
 _TINY = 1e-8  # scale of an all-zero channel or token: any positive value reproduces the zeros
-
-
-def check_bits(bits: int, what: str = "bits") -> int:
-  if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
-    raise ValueError(f"{what}={bits!r}: must be an integer from {MIN_BITS} to {MAX_BITS}")
-  return bits
-
-
-def qrange(bits: int) -> tuple[int, int]:
-  """(lowest, highest) code of a signed b-bit integer."""
-  return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 def round_ste(x: jax.Array) -> jax.Array:

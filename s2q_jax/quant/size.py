@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from s2q_jax.quant import packing
+from pallas_kernels import packing
 from s2q_jax.quant.apply import quantized_layers
 from s2q_jax.quant.qlinear import QuantParam
 

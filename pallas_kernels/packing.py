@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from s2q_jax.quant.quantizer import check_bits, qrange
+from pallas_kernels.bits import check_bits, qrange
 
 
 def packed_row_bytes(k: int, bits: int) -> int:
