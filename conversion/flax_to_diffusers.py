@@ -19,24 +19,26 @@ from conversion.output_dir import atomic_output_dir
 DIFFUSERS_VERSION = "0.42.1"  # the version the export format was checked against
 
 
-def diffusers_state_dict(model) -> dict[str, np.ndarray]:
-  """{diffusers key: array in PyTorch layout} of a Flax CogVideoX model."""
+def diffusers_state_dict(model, dtype: str | None = None) -> dict[str, np.ndarray]:
+  """{diffusers key: array in PyTorch layout} of a Flax CogVideoX model, optionally cast."""
   from s2q_jax.models.params import flat_params  # pylint: disable=import-outside-toplevel
   cfg = model.config
   out = {}
   for path, value in flat_params(model).items():
     conv = keymap.conv_kernel_shape(path, cfg.in_channels, cfg.patch_size, cfg.inner_dim)
+    if dtype is not None:
+      value = value.astype(dtype)
     out[keymap.torch_key(path)] = np.ascontiguousarray(keymap.to_torch(path, np.asarray(value), conv))
   return out
 
 
-def save_diffusers(model, folder: str) -> None:
-  """Writes config.json + diffusion_pytorch_model.safetensors into `folder`."""
+def save_diffusers(model, folder: str, dtype: str | None = None) -> None:
+  """Writes config.json + diffusion_pytorch_model.safetensors into `folder` (dtype: as is)."""
   os.makedirs(folder, exist_ok=True)
   config = {**model.config.to_dict(), "_diffusers_version": DIFFUSERS_VERSION}
   with open(os.path.join(folder, CONFIG_NAME), "w") as f:
     json.dump(config, f, indent=2)
-  save_file(diffusers_state_dict(model), os.path.join(folder, WEIGHTS_NAME))
+  save_file(diffusers_state_dict(model, dtype), os.path.join(folder, WEIGHTS_NAME))
 
 
 def main(argv: list[str] | None = None) -> int:

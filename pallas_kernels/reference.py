@@ -28,9 +28,14 @@ def epilogue(acc: jax.Array, x_scales: jax.Array, w_scales: jax.Array,
   return y.astype(dtype)
 
 
+def int_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array, w_scales: jax.Array,
+               bias: jax.Array | None, out_dtype) -> jax.Array:
+  """(M, K) int8 activation codes × (N, K) int8 weight codes, exact int32 accumulation."""
+  acc = jax.lax.dot_general(x_codes, w_codes, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.int32)
+  return epilogue(acc, x_scales, w_scales, bias, out_dtype)
+
+
 def matmul(x_codes: jax.Array, x_scales: jax.Array, qw: QuantizedWeight,
            bias: jax.Array | None, out_dtype) -> jax.Array:
-  """(M, K) int8 codes × quantized weight, exact int32 accumulation."""
-  acc = jax.lax.dot_general(x_codes, unpack_codes(qw), (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.int32)
-  return epilogue(acc, x_scales, qw.scales, bias, out_dtype)
+  return int_matmul(x_codes, x_scales, unpack_codes(qw), qw.scales, bias, out_dtype)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from typing import Any
 
@@ -11,12 +12,15 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from conversion.checkpoint_files import CheckpointError
+from conversion.flax_to_diffusers import save_diffusers
+from conversion.output_dir import atomic_output_dir
 from s2q_jax import conditions as conditions_lib
-from s2q_jax import embedded, quant
+from s2q_jax import deploy, embedded, quant
 from s2q_jax.data import gif
 from s2q_jax.errors import UserError
 from s2q_jax.evaluation import metrics, report as report_lib
 from s2q_jax.generation import generate
+from pallas_kernels import BACKENDS
 from s2q_jax.models import UnsupportedConfigError, load_pretrained
 
 METHODS = ("rtn",)
@@ -36,6 +40,9 @@ def validate(cfg: ConfigDict) -> None:
       raise UserError(f"eval.{name} must be at least 1")
   if cfg.sampler.num_steps < 1:
     raise UserError("sampler.num_steps must be at least 1")
+  if cfg.inference.backend not in ("",) + BACKENDS:
+    raise UserError(f"inference.backend={cfg.inference.backend!r}: use '' (fake-quant) or one "
+                    f"of {', '.join(BACKENDS)}")
 
 
 def prepare_workdir(path: str) -> str:
@@ -108,12 +115,22 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
   gen = dict(num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale)
   with stage("fp_generation", f"generating {len(noise)} full-precision videos"):
     fp_videos = generate(model, noise, cond, uncond, label="full precision", **gen)
+  fp_bytes = _bf16_file_bytes(model, workdir)
   with stage("quantization", f"quantizing ({cfg.method}, W{cfg.quant.w_bits}A{cfg.quant.a_bits})"):
     layers = quant.quantize_model(model, rules)
     quant.freeze_all(model)
-    size = quant.storage_bytes(model)
-  with stage("quant_generation", f"generating {len(noise)} quantized videos"):
-    q_videos = generate(model, noise, cond, uncond, label="quantized", **gen)
+    # Evaluate exactly what is deployed: the checkpoint stores unquantized layers in bf16.
+    deploy.round_fp_params(model)
+  with stage("export", "exporting the quantized checkpoint"):
+    export_dir = os.path.join(workdir, "quantized_model")
+    with atomic_output_dir(export_dir, overwrite=True) as tmp:
+      deploy.export_quantized(model, tmp)
+    quant_bytes = deploy.folder_bytes(export_dir)
+  backend = cfg.inference.backend
+  with stage("quant_generation", f"generating {len(noise)} quantized videos"
+             + (f" from the exported checkpoint ({backend} kernels)" if backend else "")):
+    q_model = load_pretrained(export_dir, backend=backend) if backend else model
+    q_videos = generate(q_model, noise, cond, uncond, label="quantized", **gen)
   with stage("evaluation", "evaluating and writing videos"):
     scores = metrics.summarize(fp_videos, q_videos)
     videos = []
@@ -124,7 +141,10 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
   report = {
       "method": cfg.method, "w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits,
       "model": model_name, "metrics": scores,
-      "size": {k: size[k] for k in ("fp_bytes", "quant_bytes", "compression")},
+      "size": {"fp_bytes": fp_bytes, "quant_bytes": quant_bytes,
+               "compression": fp_bytes / quant_bytes},
+      "checkpoint": export_dir,
+      "inference_backend": backend or "fake_quant (frozen integer codes, XLA)",
       "timing": stage.timing,
       "layers": {"quantized": [l.path for l in layers if l.quantized],
                  "full_precision": [l.path for l in layers if not l.quantized]},
@@ -138,6 +158,16 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
   print(f"\nreport: {json_path}\n        {md_path}\nvideos: {os.path.dirname(videos[0])}/ "
         "(left: full precision, right: quantized)")
   return report
+
+
+def _bf16_file_bytes(model, workdir: str) -> int:
+  """Size on disk of the model's weights saved in bf16 (diffusers safetensors)."""
+  folder = os.path.join(workdir, ".fp_bf16_size_probe")
+  with atomic_output_dir(folder, overwrite=True) as tmp:
+    save_diffusers(model, tmp, dtype="bfloat16")
+  size = deploy.folder_bytes(folder) - os.path.getsize(os.path.join(folder, "config.json"))
+  shutil.rmtree(folder)
+  return size
 
 
 def _slug(name: str) -> str:

@@ -26,6 +26,12 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.sampler.num_steps = 25
   c.sampler.guidance_scale = 5.0
 
+  c.inference = ml_collections.ConfigDict()
+  # '': quantized videos from the frozen in-memory model (the deployed integer arithmetic in
+  # plain XLA); else reload the exported checkpoint and run it on these kernels:
+  # auto | reference | interpret | gpu | tpu | tpu_interpret.
+  c.inference.backend = ""
+
   c.eval = ml_collections.ConfigDict()
   c.eval.num_videos = 8
   # Latent video size for models without stored conditions (the embedded model uses its own).

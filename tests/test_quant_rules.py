@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from s2q_jax import quant
+from s2q_jax import deploy, quant
 from s2q_jax.job_config import KEEP_FP
 from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
 from pallas_kernels import packing
@@ -67,14 +67,14 @@ def test_storage_accounting_matches_hand_arithmetic():
   model = _model()
   n_params = sum(v.size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
   infos = quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP))
-  size = quant.storage_bytes(model)
+  size = deploy.storage_bytes(model)
   assert size["fp_bytes"] == 2 * n_params
   expected = 2 * n_params
   for i in infos:
     if i.quantized:
       k, n = i.shape
       expected -= 2 * (k * n + n)  # bf16 kernel and bias replaced by...
-      expected += n * packing.packed_row_bytes(k, 4) + 4 * n + 2 * n  # codes, f32 scales, bias
+      expected += n * packing.packed_row_bytes(k, 4) + 4 * n + 4 * n  # codes, f32 scales, bias
   assert size["quant_bytes"] == expected
   assert size["compression"] == pytest.approx(size["fp_bytes"] / size["quant_bytes"])
 
@@ -85,5 +85,5 @@ def test_large_four_bit_model_approaches_but_stays_under_4x():
                         sample_height=8, sample_frames=1, patch_size=2, max_text_seq_length=4)
   model = CogVideoXTransformer3D(big, rngs=nnx.Rngs(0))
   quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP))
-  ratio = quant.storage_bytes(model)["compression"]
+  ratio = deploy.storage_bytes(model)["compression"]
   assert 3.6 < ratio < 4.0

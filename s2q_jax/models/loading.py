@@ -125,14 +125,19 @@ def _read_config(folder: str) -> tuple[CogVideoXConfig, dict]:
   return CogVideoXConfig.from_dict(raw), meta
 
 
-def load_pretrained(path: str, dtype=None, *, allow_pickle: bool = False
-                    ) -> CogVideoXTransformer3D:
-  """Loads a diffusers CogVideoX transformer folder or a converted checkpoint folder.
+def load_pretrained(path: str, dtype=None, *, allow_pickle: bool = False,
+                    backend: str = "auto") -> CogVideoXTransformer3D:
+  """Loads a diffusers CogVideoX folder, a converted checkpoint or a quantized checkpoint.
 
-  `dtype` None keeps the stored dtype; otherwise parameters are cast to it.
+  `dtype` None keeps the stored dtype (float32 compute for quantized
+  checkpoints); otherwise parameters are cast to it. `backend` selects the
+  matmul kernels of a quantized checkpoint (see `pallas_kernels.BACKENDS`).
   """
   path = os.fspath(path)
   config, meta = _read_config(path)
+  if meta.get("format") == "quantized":
+    from s2q_jax.deploy import load_quantized  # pylint: disable=import-outside-toplevel
+    return load_quantized(path, config, meta, backend=backend, dtype=dtype or jnp.float32)
   if is_converted(path):
     dtype = dtype or meta.get("dtype", "float32")
     model = abstract_model(config, dtype)

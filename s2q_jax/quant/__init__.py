@@ -12,11 +12,10 @@ from s2q_jax.quant.qlinear import (Codes, QuantLinear, QuantParam, Rotation, Smo
 from s2q_jax.quant.quantizer import (check_bits, fake_quant_activations, qrange, quantize,
                                      weight_scales)
 from s2q_jax.quant.rules import QuantRule, make_rules, match, parse_bits, rules_from_config
-from s2q_jax.quant.size import storage_bytes
 
 __all__ = [
     "Codes", "LayerInfo", "QuantLinear", "QuantParam", "QuantRule", "Rotation", "SmoothScale",
     "WeightClip", "check_bits", "fake_quant_activations", "freeze_all", "iter_linears",
     "make_rules", "match", "parse_bits", "qrange", "quantize", "quantize_model",
-    "quantized_layers", "rules_from_config", "storage_bytes", "weight_scales",
+    "quantized_layers", "rules_from_config", "weight_scales",
 ]

@@ -54,6 +54,11 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
     setattr(parent, path[-1], new)
 
 
+def replace_module(model: nnx.Module, dotted_path: str, new: nnx.Module) -> None:
+  """Puts `new` at `dotted_path` (e.g. ``transformer_blocks.3.attn1.to_q``) in place."""
+  _replace(model, tuple(int(k) if k.isdigit() else k for k in dotted_path.split(".")), new)
+
+
 def quantize_model(model: nnx.Module, rules: Sequence[QuantRule],
                    layer_cls: type[QuantLinear] = QuantLinear) -> list[LayerInfo]:
   """Replaces every matching Linear by `layer_cls`; returns what happened to each Linear."""

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import reference
 from s2q_jax.models.layers import Linear
 from s2q_jax.quant import quantizer
 
@@ -99,12 +100,23 @@ class QuantLinear(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.kernel.dtype
     xt = self.transform_input(x.astype(jnp.float32))
+    if self.codes is not None and self.a_bits is not None:
+      return self._deployed_arithmetic(xt).astype(dtype)
     if self.a_bits is not None:
       xt = quantizer.fake_quant_activations(xt, self.a_bits)
     y = jnp.matmul(xt, self.dequantized_kernel(), preferred_element_type=jnp.float32)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(dtype)
+
+  def _deployed_arithmetic(self, xt: jax.Array) -> jax.Array:
+    """Frozen layers compute exactly what the deployed kernels compute: int8 codes, int32 sums."""
+    x2 = xt.reshape(-1, xt.shape[-1])
+    x_codes, x_scales = reference.quantize_activations(x2, self.a_bits)
+    bias = None if self.bias is None else self.bias[...]
+    y = reference.int_matmul(x_codes, x_scales, self.codes[...].T, self.scales[...], bias,
+                             jnp.float32)
+    return y.reshape(*xt.shape[:-1], self.out_features)
 
   # -- deployment ----------------------------------------------------------
   def freeze(self) -> None:

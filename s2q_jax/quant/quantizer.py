@@ -16,8 +16,8 @@ _TINY = 1e-8  # scale of an all-zero channel or token: any positive value reprod
 
 
 def round_ste(x: jax.Array) -> jax.Array:
-  """round(x) forward, identity backward."""
-  return x + jax.lax.stop_gradient(jnp.round(x) - x)
+  """round(x) forward (exactly: x - x is 0), identity backward."""
+  return jax.lax.stop_gradient(jnp.round(x)) + (x - jax.lax.stop_gradient(x))
 
 
 def quantize(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:

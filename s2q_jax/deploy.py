@@ -1,0 +1,134 @@
+"""Quantized checkpoints: export from a calibrated model, load for inference with the kernels.
+
+A quantized checkpoint is a folder with diffusers' `config.json` (plus an
+``_s2q_jax`` entry) and one safetensors file holding, per quantized layer,
+bit-packed integer codes in (N, K) order, float32 per-channel scales and
+bias, and any folded smoothing vector or rotation; every other parameter is
+stored in bf16. `load_pretrained` recognises the folder and returns a model
+whose quantized layers are `DeployedLinear`s running `w4a6_matmul`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from pallas_kernels import QuantizedWeight, packing, w4a6_matmul
+from pallas_kernels.weights import dequantize_weight
+from s2q_jax.models.params import flat_params, load_flat_params
+from s2q_jax.quant.apply import quantized_layers, replace_module
+from s2q_jax.quant.qlinear import QuantParam
+
+WEIGHTS_NAME = "quantized_model.safetensors"
+FORMAT = "quantized"
+FP_DTYPE = jnp.bfloat16  # storage of the layers kept in full precision
+
+
+class Deployed(nnx.Variable):
+  """Arrays of a deployed layer (not trainable parameters)."""
+
+
+class DeployedLinear(nnx.Module):
+  """A quantized linear layer as deployed: packed codes, kernels, folded transforms."""
+
+  def __init__(self, weight: QuantizedWeight, *, bias=None, smooth=None, rotation=None,
+               a_bits: int | None, backend: str = "auto", dtype=jnp.float32):
+    self.data, self.scales = Deployed(weight.data), Deployed(weight.scales)
+    self.bits, self.in_features = weight.bits, weight.in_features
+    self.bias = nnx.data(None if bias is None else Deployed(jnp.asarray(bias, jnp.float32)))
+    self.smooth = nnx.data(None if smooth is None else Deployed(jnp.asarray(smooth, jnp.float32)))
+    self.rotation = nnx.data(None if rotation is None else Deployed(jnp.asarray(rotation,
+                                                                                jnp.float32)))
+    self.a_bits, self.backend, self.dtype = a_bits, backend, dtype
+
+  @property
+  def weight(self) -> QuantizedWeight:
+    return QuantizedWeight(self.data[...], self.scales[...], self.bits, self.in_features)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    if self.smooth is not None:
+      x = x / self.smooth[...]
+    if self.rotation is not None:
+      x = x @ self.rotation[...]
+    bias = None if self.bias is None else self.bias[...]
+    if self.a_bits is None:  # weight-only quantization
+      y = x @ dequantize_weight(self.weight) + (0.0 if bias is None else bias)
+    else:
+      y = w4a6_matmul(x, self.weight, bias, act_bits=self.a_bits, backend=self.backend)
+    return y.astype(self.dtype)
+
+
+def round_fp_params(model: nnx.Module, dtype=FP_DTYPE) -> None:
+  """Rounds the parameters export stores in `dtype`, so evaluation matches the checkpoint."""
+  quantized = {p for p, _ in quantized_layers(model)}
+  state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(QuantParam)))
+  for path, var in nnx.to_flat_state(state):
+    dotted = ".".join(map(str, path))
+    if dotted.rpartition(".")[0] not in quantized:
+      var.set_value(var[...].astype(dtype).astype(var.dtype))
+  nnx.update(model, state)
+
+
+def checkpoint_tensors(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+  """({name: array} exactly as the checkpoint stores them, {layer path: bits info})."""
+  tensors, layers = {}, {}
+  for path, layer in quantized_layers(model):
+    arrays = {k: np.asarray(v) for k, v in layer.export().items()}
+    tensors[f"{path}.codes"] = packing.pack(arrays.pop("codes").T, layer.w_bits)
+    tensors.update({f"{path}.{k}": v.astype(np.float32) for k, v in arrays.items()})
+    layers[path] = {"w_bits": layer.w_bits, "a_bits": layer.a_bits,
+                    "in_features": layer.in_features}
+  for path, value in flat_params(model).items():
+    if path.rpartition(".")[0] not in layers:
+      tensors[path] = np.asarray(value.astype(FP_DTYPE))
+  return tensors, layers
+
+
+def storage_bytes(model: nnx.Module) -> dict:
+  """Array bytes of the model in bf16 and as the quantized checkpoint stores it (no headers)."""
+  original = nnx.state(model, nnx.All(nnx.Param, nnx.Not(QuantParam)))
+  fp_bytes = sum(2 * v.size for _, v in nnx.to_flat_state(original))
+  quant_bytes = sum(t.nbytes for t in checkpoint_tensors(model)[0].values())
+  return {"fp_bytes": fp_bytes, "quant_bytes": quant_bytes, "compression": fp_bytes / quant_bytes}
+
+
+def export_quantized(model: nnx.Module, folder: str) -> None:
+  """Writes the deployable checkpoint of a quantized model into `folder`."""
+  os.makedirs(folder, exist_ok=True)
+  tensors, layers = checkpoint_tensors(model)
+  save_file(tensors, os.path.join(folder, WEIGHTS_NAME))
+  config = {**model.config.to_dict(), "_s2q_jax": {"format": FORMAT, "layers": layers}}
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+
+
+def folder_bytes(folder: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder)
+             for f in files)
+
+
+def load_quantized(folder: str, config, meta: dict, *, backend: str = "auto",
+                   dtype=jnp.float32) -> nnx.Module:
+  """Builds the model of a quantized checkpoint (see `load_pretrained`)."""
+  from s2q_jax.models.loading import abstract_model  # pylint: disable=import-outside-toplevel
+  model = abstract_model(config, dtype)
+  with safe_open(os.path.join(folder, WEIGHTS_NAME), framework="numpy") as f:
+    for path, info in meta["layers"].items():
+      k, bits = info["in_features"], info["w_bits"]
+      codes = packing.unpack(f.get_tensor(f"{path}.codes"), bits, k)  # (N, K)
+      weight = QuantizedWeight.from_codes(codes.T, f.get_tensor(f"{path}.scales"), bits)
+      extras = {name: f.get_tensor(f"{path}.{name}") for name in ("bias", "smooth", "rotation")
+                if f"{path}.{name}" in f.keys()}
+      replace_module(model, path, DeployedLinear(weight, a_bits=info["a_bits"], backend=backend,
+                                                 dtype=dtype, **extras))
+    rest = {key: f.get_tensor(key) for key in f.keys() if key.rpartition(".")[0] not in
+            meta["layers"]}
+  load_flat_params(model, rest)
+  return model

@@ -1,0 +1,83 @@
+"""Quantized checkpoints: export, reload with the kernels, and agreement with fake-quant."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from s2q_jax import deploy, quant
+from s2q_jax.job_config import KEEP_FP
+from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
+
+CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=32, in_channels=3, out_channels=3,
+                      time_embed_dim=32, text_embed_dim=24, num_layers=2, sample_width=16,
+                      sample_height=16, sample_frames=5, patch_size=4, max_text_seq_length=6,
+                      use_rotary_positional_embeddings=True)
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal((2, 2, 3, 16, 16)), jnp.float32),
+          jnp.asarray(rng.standard_normal((2, 6, 24)), jnp.float32), jnp.array([50, 900]))
+
+
+@pytest.fixture
+def exported(tmp_path):
+  fp = CogVideoXTransformer3D(CFG, rngs=nnx.Rngs(0))
+  model = CogVideoXTransformer3D(CFG, rngs=nnx.Rngs(0))
+  quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP,
+                                               overrides={r"ff\.proj_in": "w3a8"}))
+  quant.freeze_all(model)
+  deploy.round_fp_params(model)
+  deploy.export_quantized(model, str(tmp_path))
+  return fp, model, tmp_path
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret", "tpu_interpret"])
+def test_reloaded_checkpoint_reproduces_fake_quant(exported, backend):
+  fp, model, path = exported
+  deployed = load_pretrained(str(path), backend=backend)
+  assert isinstance(deployed.transformer_blocks[0].attn1.to_q, deploy.DeployedLinear)
+  assert deployed.transformer_blocks[1].ff.proj_in.bits == 3
+  x, text, t = _inputs()
+  ref, fq, out = fp(x, text, t), model(x, text, t), deployed(x, text, t)
+  # Same integer codes and scales; float epilogues may differ by an ulp, which can flip a
+  # rounding decision downstream. The gap must be far below the quantization error itself.
+  assert float(jnp.linalg.norm(out - fq)) < 0.05 * float(jnp.linalg.norm(fq - ref))
+
+
+def test_each_deployed_layer_matches_its_fake_quant_layer(exported):
+  _, model, path = exported
+  deployed = load_pretrained(str(path), backend="interpret")
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((7, 64)), jnp.float32)
+  for name, layer in quant.quantized_layers(model):
+    node = deployed
+    for key in name.split("."):
+      node = node[int(key)] if key.isdigit() else getattr(node, key)
+    xin = x[:, :layer.in_features] if layer.in_features <= 64 else jnp.tile(x, (1, 4))[:, :layer.in_features]
+    np.testing.assert_allclose(node(xin), layer(xin), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_checkpoint_is_packed_and_small(exported):
+  fp, model, path = exported
+  from safetensors import safe_open
+  weights = path / deploy.WEIGHTS_NAME
+  with safe_open(str(weights), framework="numpy") as f:
+    stored = sum(f.get_tensor(k).nbytes for k in f.keys())
+    n_tensors = len(f.keys())
+  # The file is the packed arrays (as counted by storage_bytes) plus the safetensors header.
+  assert stored == deploy.storage_bytes(model)["quant_bytes"]
+  assert weights.stat().st_size - stored < 200 * n_tensors
+  fp_bf16 = 2 * sum(v.size for _, v in nnx.to_flat_state(nnx.state(fp, nnx.Param)))
+  assert weights.stat().st_size < fp_bf16 / 2
+  with safe_open(str(weights), framework="numpy") as f:
+    codes = f.get_tensor("transformer_blocks.0.attn1.to_q.codes")
+    assert codes.dtype == np.uint8 and codes.shape == (64, 32)  # (N, K·4/8)
+    assert f.get_tensor("proj_out.kernel").dtype.name == "bfloat16"
+
+
+def test_export_reports_unquantized_model_clearly(tmp_path):
+  model = CogVideoXTransformer3D(CFG, rngs=nnx.Rngs(0))
+  deploy.export_quantized(model, str(tmp_path))  # nothing quantized: every layer in bf16
+  reloaded = load_pretrained(str(tmp_path))
+  x, text, t = _inputs()
+  np.testing.assert_allclose(reloaded(x, text, t), model(x, text, t), rtol=0.05, atol=0.05)
