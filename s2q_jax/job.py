@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from ml_collections import ConfigDict
 
 from conversion.checkpoint_files import CheckpointError
@@ -19,11 +20,13 @@ from s2q_jax import deploy, embedded, quant
 from s2q_jax.data import gif
 from s2q_jax.errors import UserError
 from s2q_jax.evaluation import metrics, report as report_lib
+from s2q_jax.calibration import pool as pool_lib
 from s2q_jax.generation import generate
+from s2q_jax.methods import s2q
 from pallas_kernels import BACKENDS
 from s2q_jax.models import UnsupportedConfigError, load_pretrained
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "s2q")
 
 
 def validate(cfg: ConfigDict) -> None:
@@ -40,6 +43,9 @@ def validate(cfg: ConfigDict) -> None:
       raise UserError(f"eval.{name} must be at least 1")
   if cfg.sampler.num_steps < 1:
     raise UserError("sampler.num_steps must be at least 1")
+  if cfg.method == "s2q" and cfg.calib.num_samples % jax.device_count():
+    raise UserError(f"calib.num_samples={cfg.calib.num_samples} must be a multiple of the "
+                    f"{jax.device_count()} devices it is sharded over")
   if cfg.inference.backend not in ("",) + BACKENDS:
     raise UserError(f"inference.backend={cfg.inference.backend!r}: use '' (fake-quant) or one "
                     f"of {', '.join(BACKENDS)}")
@@ -116,11 +122,21 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
   with stage("fp_generation", f"generating {len(noise)} full-precision videos"):
     fp_videos = generate(model, noise, cond, uncond, label="full precision", **gen)
   fp_bytes = _bf16_file_bytes(model, workdir)
+  fp_model = nnx.clone(model) if cfg.method == "s2q" else None
   with stage("quantization", f"quantizing ({cfg.method}, W{cfg.quant.w_bits}A{cfg.quant.a_bits})"):
     layers = quant.quantize_model(model, rules)
-    quant.freeze_all(model)
     # Evaluate exactly what is deployed: the checkpoint stores unquantized layers in bf16.
     deploy.round_fp_params(model)
+  calibration = None
+  if cfg.method == "s2q":
+    with stage("pool", f"building the calibration pool ({cfg.calib.num_prompts} prompts × "
+               f"{cfg.sampler.num_steps} steps)"):
+      pool = _calibration_pool(cfg, fp_model, folder, workdir)
+    with stage("calibration", f"calibrating {len(model.transformer_blocks)} blocks (S²Q-VDiT)"):
+      mesh = jax.make_mesh((jax.device_count(),), ("data",))
+      calibration = s2q.calibrate(model, fp_model, pool, cfg, workdir, mesh)
+    del fp_model
+  quant.freeze_all(model)
   with stage("export", "exporting the quantized checkpoint"):
     export_dir = os.path.join(workdir, "quantized_model")
     with atomic_output_dir(export_dir, overwrite=True) as tmp:
@@ -152,12 +168,29 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
                "guidance_scale": cfg.sampler.guidance_scale, "seed": cfg.seed,
                "conditions": names},
       "videos": videos,
+      "calibration": calibration,
   }
   json_path, md_path = report_lib.write_report(workdir, report)
   print("\n" + report_lib.summary_table(report))
   print(f"\nreport: {json_path}\n        {md_path}\nvideos: {os.path.dirname(videos[0])}/ "
         "(left: full precision, right: quantized)")
   return report
+
+
+def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str) -> pool_lib.Pool:
+  """The FP sampler's trajectories on calibration prompts, cached in the workdir."""
+  path = os.path.join(workdir, "pool.npz")
+  if os.path.exists(path):
+    print(f"  reusing {path}")
+    return pool_lib.load_pool(path)
+  calib = cfg.copy_and_resolve_references()
+  calib.eval.num_videos = cfg.calib.num_prompts
+  calib.seed = cfg.seed + 1  # calibration noise differs from evaluation noise
+  noise, cond, uncond, _ = eval_inputs(calib, fp_model, folder)
+  pool = pool_lib.build_pool(fp_model, cond, uncond, noise, num_steps=cfg.sampler.num_steps,
+                             guidance_scale=cfg.sampler.guidance_scale)
+  pool_lib.save_pool(path, pool)
+  return pool
 
 
 def _bf16_file_bytes(model, workdir: str) -> int:

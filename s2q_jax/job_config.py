@@ -22,6 +22,27 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   # {regex on the layer path: "wXaY"}; first match wins, e.g. {r"transformer_blocks\.0\.": "w8a8"}.
   c.quant.overrides = ml_collections.ConfigDict()
 
+  # S²Q-VDiT (method=s2q): calibration data selection and block-wise distillation.
+  c.calib = ml_collections.ConfigDict()
+  c.calib.num_prompts = 8  # prompts whose every denoising step enters the candidate pool
+  c.calib.num_samples = 40  # candidates kept (paper: 40)
+  c.calib.selection = "salient"  # salient | uniform | random
+  c.calib.salience = "input"  # input: ‖x_tᵀx_t‖₂ of the latent | layer: Σ over quantized layers
+  c.calib.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.enabled = True
+  c.distill.token_weighting = "attention"  # attention | uniform
+  c.distill.lam_min = 0.5
+  c.distill.lam_max = 1.0
+  c.distill.epochs = 15
+  c.distill.batch_size = 4
+  c.distill.lr_clip = 5e-2
+  c.distill.lr_smooth = 5e-3
+  c.distill.smoothing = True
+  c.distill.smooth_alpha = 0.5
+  c.distill.gptq = True
+
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_steps = 25
   c.sampler.guidance_scale = 5.0

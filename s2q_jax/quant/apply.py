@@ -77,6 +77,7 @@ def quantize_model(model: nnx.Module, rules: Sequence[QuantRule],
 
 
 def freeze_all(model: nnx.Module) -> None:
-  """Fixes every quantized layer's integer codes and scales (see `QuantLinear.freeze`)."""
+  """Fixes the integer codes and scales of every quantized layer not frozen yet."""
   for _, layer in quantized_layers(model):
-    layer.freeze()
+    if layer.codes is None:
+      layer.freeze()

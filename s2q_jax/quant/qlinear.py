@@ -119,9 +119,13 @@ class QuantLinear(nnx.Module):
     return y.reshape(*xt.shape[:-1], self.out_features)
 
   # -- deployment ----------------------------------------------------------
-  def freeze(self) -> None:
-    """Stores the current integer codes and scales; later calls use exactly these."""
-    codes, scales = self.weight_codes()
+  def freeze(self, codes: jax.Array | None = None) -> None:
+    """Stores integer codes and scales; later calls use exactly these.
+
+    `codes` (K, N) replaces round-to-nearest (e.g. GPTQ's, for the current scales).
+    """
+    rtn_codes, scales = self.weight_codes()
+    codes = rtn_codes if codes is None else codes
     self.codes = Codes(codes.astype(jnp.int8))
     self.scales = Codes(scales.astype(jnp.float32))
 

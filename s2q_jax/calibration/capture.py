@@ -1,0 +1,53 @@
+"""Recording what each linear layer receives, without touching the model's code."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import jax
+from flax import nnx
+
+from s2q_jax.quant.apply import iter_linears, replace_module
+
+
+class LayerInput(nnx.Variable):
+  """Inputs seen by a layer during a recorded call."""
+
+
+class _Recorder(nnx.Module):
+  def __init__(self, layer: nnx.Module, transform: bool):
+    self.layer, self.transform = layer, transform
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # For quantized layers record what is quantized: the smoothed / rotated input.
+    seen = self.layer.transform_input(x) if self.transform else x
+    self.sow(LayerInput, "inputs", seen)
+    return self.layer(x)
+
+
+@contextlib.contextmanager
+def recording(model: nnx.Module, paths: set[str] | None = None
+              ) -> Iterator[Callable[[], dict[str, list[jax.Array]]]]:
+  """Within the block, calls of the chosen linears (default: all) record their inputs.
+
+  Yields `collect()`, which returns {layer path: [inputs recorded since the
+  last collect]}. Run the model eagerly (or under `nnx.jit`) inside the block;
+  the original layers are put back on exit.
+  """
+  targets = [(p, m) for p, m in iter_linears(model) if paths is None or p in paths]
+  recorders = {p: _Recorder(m, hasattr(m, "transform_input")) for p, m in targets}
+  for p, r in recorders.items():
+    replace_module(model, p, r)
+
+  def collect() -> dict[str, list[jax.Array]]:
+    out = {}
+    for p, r in recorders.items():
+      state = nnx.pop(r, LayerInput)
+      out[p] = [x for _, var in nnx.to_flat_state(state) for x in var.get_value()]
+    return out
+
+  try:
+    yield collect
+  finally:
+    for p, m in targets:
+      replace_module(model, p, m)

@@ -1,0 +1,1 @@
+"""Calibration methods beyond round-to-nearest."""
