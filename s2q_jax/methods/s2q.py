@@ -52,17 +52,31 @@ def score_pool(model: nnx.Module, pool: Pool, variant: str) -> np.ndarray:
   return salient_scores(c_diff, c_quant)
 
 
+@nnx.jit
+def _apply_block(block, video, text, temb, rotary):
+  return block(video, text, temb, rotary)
+
+
+@nnx.jit
+def _embed(model, latents, conditions, timesteps):
+  return model.embed(latents, conditions, timesteps)
+
+
 def _batched(fn: Callable, arrays: tuple, batch: int = 8):
   outs = [fn(*(a[i:i + batch] for a in arrays)) for i in range(0, len(arrays[0]), batch)]
   return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0])))
 
 
+@nnx.jit
+def _block_importance(block, video, text, temb, rotary):
+  n_v, n_t, _, _ = block.norm1(video, text, temb)
+  q, k, _ = block.attn1.project(jnp.concatenate([n_t, n_v], axis=1), text.shape[1], rotary)
+  return (attention_token_importance(q, k, block_size=256),)
+
+
 def _importance(block, video, text, temb, rotary) -> np.ndarray:
-  def one(v, t, e):
-    n_v, n_t, _, _ = block.norm1(v, t, e)
-    q, k, _ = block.attn1.project(jnp.concatenate([n_t, n_v], axis=1), t.shape[1], rotary)
-    return (attention_token_importance(q, k, block_size=256),)
-  return _batched(one, (video, text, temb))[0]
+  return _batched(lambda v, t, e: _block_importance(block, v, t, e, rotary),
+                  (video, text, temb))[0]
 
 
 def _init_smoothing(layers: list[tuple[str, QuantLinear]], inputs: dict, alpha: float) -> None:
@@ -111,7 +125,7 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
   except ValueError as e:
     raise UserError(f"calib: {e}") from None
   data = pool.take(idx)
-  video, text, temb = _batched(lambda x, c, t: fp_model.embed(x, c, t),
+  video, text, temb = _batched(lambda x, c, t: _embed(fp_model, x, c, t),
                                (data.latents, data.conditions, data.timesteps))
   f, _, h, w = data.latents.shape[1:]
   rotary = fp_model.rotary_embedding(f, h, w)
@@ -138,12 +152,12 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
   stats = []
   for b, (fp_block, q_block) in enumerate(blocks):
     if b < done:  # replay finished blocks to get the next block's inputs
-      video, text = _batched(lambda v, t, e: fp_block(v, t, e, rotary), (video, text, temb))
-      video_q, text_q = _batched(lambda v, t, e: q_block(v, t, e, rotary), (video_q, text_q, temb))
+      video, text = _batched(lambda v, t, e: _apply_block(fp_block, v, t, e, rotary), (video, text, temb))
+      video_q, text_q = _batched(lambda v, t, e: _apply_block(q_block, v, t, e, rotary), (video_q, text_q, temb))
       continue
     start = time.perf_counter()
     layers = quantized_layers(q_block)
-    target_v, target_t = _batched(lambda v, t, e: fp_block(v, t, e, rotary), (video, text, temb))
+    target_v, target_t = _batched(lambda v, t, e: _apply_block(fp_block, v, t, e, rotary), (video, text, temb))
     n_tokens = text.shape[1] + video.shape[1]
     if cfg.distill.token_weighting == "attention":
       weights = np.asarray(token_weights(jnp.asarray(_importance(fp_block, video, text, temb, rotary)),
@@ -153,7 +167,7 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
     paths = {p for p, _ in layers}
     if cfg.distill.smoothing:
       with recording(q_block, paths) as collect:
-        _batched(lambda v, t, e: q_block(v, t, e, rotary), (video_q, text_q, temb))
+        _batched(lambda v, t, e: _apply_block(q_block, v, t, e, rotary), (video_q, text_q, temb))
         _init_smoothing(layers, collect(), cfg.distill.smooth_alpha)
     history = []
     if cfg.distill.enabled:
@@ -166,9 +180,9 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
                         "are finite, so the activations overflowed: lower the learning rates")
       _check_finite(b, layers)
     with recording(q_block, paths) as collect:
-      _batched(lambda v, t, e: q_block(v, t, e, rotary), (video_q, text_q, temb))
+      _batched(lambda v, t, e: _apply_block(q_block, v, t, e, rotary), (video_q, text_q, temb))
       _freeze_block(layers, collect(), cfg.distill.gptq)
-    video_q, text_q = _batched(lambda v, t, e: q_block(v, t, e, rotary), (video_q, text_q, temb))
+    video_q, text_q = _batched(lambda v, t, e: _apply_block(q_block, v, t, e, rotary), (video_q, text_q, temb))
     video, text = target_v, target_t
     err = float(np.mean((np.concatenate([text_q, video_q], 1) -
                          np.concatenate([target_t, target_v], 1)) ** 2))

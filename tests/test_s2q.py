@@ -1,0 +1,134 @@
+"""S²Q-VDiT calibration on a tiny model: runs, deploys, is deterministic, shards, resumes."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from s2q_jax import deploy, quant
+from s2q_jax.calibration.pool import build_pool
+from s2q_jax.job_config import KEEP_FP, base_config
+from s2q_jax.methods import s2q
+from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
+
+CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, in_channels=3, out_channels=3,
+                      time_embed_dim=32, text_embed_dim=16, num_layers=2, sample_width=8,
+                      sample_height=8, sample_frames=5, patch_size=4, max_text_seq_length=4,
+                      use_rotary_positional_embeddings=True)
+
+
+def _job_config(**calib):
+  cfg = base_config(4, 6, "s2q")
+  cfg.calib.num_prompts, cfg.calib.num_samples = 2, 4
+  cfg.distill.epochs, cfg.distill.batch_size = 2, 2
+  for k, v in calib.items():
+    cfg.calib[k] = v
+  return cfg
+
+
+def _setup():
+  fp = CogVideoXTransformer3D(CFG, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  cond = rng.standard_normal((2, 4, 16)).astype(np.float32)
+  noise = rng.standard_normal((2, 2, 3, 8, 8)).astype(np.float32)
+  pool = build_pool(fp, cond, np.zeros((4, 16), np.float32), noise, num_steps=3,
+                    guidance_scale=2.0)
+  q = nnx.clone(fp)
+  quant.quantize_model(q, quant.make_rules(4, 6, keep_fp=KEEP_FP))
+  deploy.round_fp_params(q)  # as the main job does: the checkpoint stores these in bf16
+  return fp, q, pool
+
+
+def _calibrate(workdir, log=lambda *_: None, **calib):
+  fp, q, pool = _setup()
+  mesh = jax.make_mesh((1,), ("data",))
+  stats = s2q.calibrate(q, fp, pool, _job_config(**calib), str(workdir), mesh, log=log)
+  return fp, q, stats
+
+
+def _codes(model):
+  return {p: np.asarray(l.codes[...]) for p, l in quant.quantized_layers(model)}
+
+
+def test_pool_keeps_every_step():
+  _, _, pool = _setup()
+  assert len(pool) == 2 * 3
+  assert pool.latents.shape == (6, 2, 3, 8, 8)
+  # x_{t-1} of one step is x_t of the next.
+  np.testing.assert_array_equal(pool.previous[:2], pool.latents[2:4])
+
+
+def test_calibration_runs_freezes_and_is_deterministic(tmp_path):
+  _, q1, stats = _calibrate(tmp_path / "a")
+  assert len(stats["blocks"]) == 2 and len(stats["selected"]) == 4
+  assert all(layer.codes is not None for _, layer in quant.quantized_layers(q1))
+  _, q2, _ = _calibrate(tmp_path / "b")
+  c1, c2 = _codes(q1), _codes(q2)
+  assert all(np.array_equal(c1[k], c2[k]) for k in c1)
+
+
+def test_learned_parts_fold_into_the_deployed_checkpoint(tmp_path):
+  fp, q, _ = _calibrate(tmp_path / "cal")
+  assert any(layer.smooth is not None for _, layer in quant.quantized_layers(q))
+  deploy.export_quantized(q, str(tmp_path / "export"))
+  deployed = load_pretrained(str(tmp_path / "export"), backend="interpret")
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((1, 2, 3, 8, 8)), jnp.float32)
+  c = jnp.asarray(rng.standard_normal((1, 4, 16)), jnp.float32)
+  t = jnp.array([400])
+  ref, fq, out = fp(x, c, t), q(x, c, t), deployed(x, c, t)
+  assert float(jnp.linalg.norm(out - fq)) < 0.05 * float(jnp.linalg.norm(fq - ref))
+
+
+def test_resume_after_interruption_gives_the_same_result(tmp_path):
+  _, uninterrupted, _ = _calibrate(tmp_path / "full")
+
+  def die_after_first_block(message):
+    if message.strip().startswith("block 1/"):
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    _calibrate(tmp_path / "resumed", log=die_after_first_block)
+  messages = []
+  _, resumed, stats = _calibrate(tmp_path / "resumed", log=messages.append)
+  assert any("resumed after block 1" in m for m in messages)
+  assert [s["block"] for s in stats["blocks"]] == [1]
+  a, b = _codes(uninterrupted), _codes(resumed)
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_eight_devices_learn_what_one_device_learns():
+  """Same global batch and seed on 1 and 8 host devices: same learned clipping."""
+  script = textwrap.dedent(f"""
+      import os, sys, json
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      import jax, numpy as np
+      from flax import nnx
+      from test_s2q import _setup
+      from s2q_jax.distillation.block_reconstruction import BlockData, TrainConfig, train_block
+      from s2q_jax.quant import quantized_layers
+      fp, q, pool = _setup()
+      rng = np.random.default_rng(0)
+      n, nv, nt, d = 8, 8, 4, 32
+      data = BlockData(*(rng.standard_normal(s).astype(np.float32) for s in
+                         [(n, nv, d), (n, nt, d), (n, 32), (n, nv, d), (n, nt, d)]),
+                       np.ones((n, nt + nv), np.float32))
+      out = {{}}
+      for devices in (1, 8):
+        block = nnx.clone(q.transformer_blocks[0])
+        mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])
+        train_block(block, data, None, TrainConfig(epochs=2, batch_size=8), mesh)
+        out[devices] = np.concatenate([np.asarray(l.clip[...]) for _, l in quantized_layers(block)])
+      print(json.dumps(float(np.abs(out[1] - out[8]).max())))
+      """)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5
