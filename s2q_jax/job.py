@@ -110,6 +110,12 @@ class _Stages:
 def run(cfg: ConfigDict) -> dict[str, Any]:
   validate(cfg)
   workdir = prepare_workdir(cfg.workdir)
+  if cfg.calib.distributed:
+    jax.distributed.initialize()  # multi-host: every host runs this same command
+  if cfg.compilation_cache:
+    # Calibration compiles the same programs for every block: reuse them, across runs too.
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   stage = _Stages()
   with stage("load", "loading model"):
     model, folder, model_name = load_model(cfg)

@@ -10,6 +10,7 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.method = method  # rtn | s2q
   c.workdir = f"workdir/w{w_bits}a{a_bits}_{method}"
   c.seed = 0
+  c.compilation_cache = "~/.cache/s2q_jax/xla"  # '' to disable JAX's persistent compile cache
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # empty: the embedded model; else a diffusers CogVideoX folder or converted one

@@ -8,6 +8,10 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Calibration compiles the same block programs for every block and every test: cache them.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.path.dirname(os.path.dirname(__file__)), ".pytest_cache", "xla"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
             time_embed_dim=32, text_embed_dim=24, num_layers=2, sample_width=12,

@@ -63,17 +63,23 @@ def test_pool_keeps_every_step():
   np.testing.assert_array_equal(pool.previous[:2], pool.latents[2:4])
 
 
-def test_calibration_runs_freezes_and_is_deterministic(tmp_path):
-  _, q1, stats = _calibrate(tmp_path / "a")
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+  """One uninterrupted calibration, shared by the tests below (calibration is slow on CPU)."""
+  return _calibrate(tmp_path_factory.mktemp("calibrated"))
+
+
+def test_calibration_runs_freezes_and_is_deterministic(calibrated, tmp_path):
+  _, q1, stats = calibrated
   assert len(stats["blocks"]) == 2 and len(stats["selected"]) == 4
   assert all(layer.codes is not None for _, layer in quant.quantized_layers(q1))
-  _, q2, _ = _calibrate(tmp_path / "b")
+  _, q2, _ = _calibrate(tmp_path / "again")
   c1, c2 = _codes(q1), _codes(q2)
   assert all(np.array_equal(c1[k], c2[k]) for k in c1)
 
 
-def test_learned_parts_fold_into_the_deployed_checkpoint(tmp_path):
-  fp, q, _ = _calibrate(tmp_path / "cal")
+def test_learned_parts_fold_into_the_deployed_checkpoint(calibrated, tmp_path):
+  fp, q, _ = calibrated
   assert any(layer.smooth is not None for _, layer in quant.quantized_layers(q))
   deploy.export_quantized(q, str(tmp_path / "export"))
   deployed = load_pretrained(str(tmp_path / "export"), backend="interpret")
@@ -85,8 +91,8 @@ def test_learned_parts_fold_into_the_deployed_checkpoint(tmp_path):
   assert float(jnp.linalg.norm(out - fq)) < 0.05 * float(jnp.linalg.norm(fq - ref))
 
 
-def test_resume_after_interruption_gives_the_same_result(tmp_path):
-  _, uninterrupted, _ = _calibrate(tmp_path / "full")
+def test_resume_after_interruption_gives_the_same_result(calibrated, tmp_path):
+  _, uninterrupted, _ = calibrated
 
   def die_after_first_block(message):
     if message.strip().startswith("block 1/"):

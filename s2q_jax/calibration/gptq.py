@@ -6,6 +6,8 @@ the layer reconstruction loss, H = Σ xᵀx over the calibration tokens.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -19,6 +21,7 @@ def accumulate_hessian(h: jax.Array | None, x: jax.Array) -> jax.Array:
   return hx if h is None else h + hx
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "percdamp"))
 def gptq_quantize(w: jax.Array, h: jax.Array, scales: jax.Array, *, bits: int,
                   percdamp: float = 0.01) -> jax.Array:
   """Integer codes (K, N) int8 for a (K, N) kernel w, given H (K, K) and scales (N,).
