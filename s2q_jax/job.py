@@ -185,7 +185,7 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
 
 def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str) -> pool_lib.Pool:
   """The FP sampler's trajectories on calibration prompts, cached in the workdir."""
-  path = os.path.join(workdir, "pool.npz")
+  path = os.path.expanduser(cfg.calib.pool_path) or os.path.join(workdir, "pool.npz")
   if os.path.exists(path):
     print(f"  reusing {path}")
     return pool_lib.load_pool(path)

@@ -29,6 +29,7 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.calib.num_samples = 40  # candidates kept (paper: 40)
   c.calib.selection = "salient"  # salient | uniform | random
   c.calib.salience = "input"  # input: ‖x_tᵀx_t‖₂ of the latent | layer: Σ over quantized layers
+  c.calib.pool_path = ""  # where the candidate pool is cached ('' = <workdir>/pool.npz)
   c.calib.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
 
   c.distill = ml_collections.ConfigDict()

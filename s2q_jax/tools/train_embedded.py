@@ -6,7 +6,8 @@ v-prediction on procedural videos (`s2q_jax.data.procedural`) with the
 CogVideoX noise schedule the sampler uses, classifier-free-guidance dropout
 and an EMA of the weights. Checkpoints every `checkpoint_every` steps and
 resumes from the last one; at the end the EMA weights are written in
-diffusers format to `config.output`, with the condition embeddings beside.
+diffusers format to `config.output` (the EMA weights if `ema_decay` > 0),
+with the condition embeddings beside.
 """
 from __future__ import annotations
 
@@ -119,9 +120,10 @@ def main(_) -> int:
           nnx.to_pure_dict(nnx.state((model, optimizer, ema)))))
   manager.wait_until_finished()
 
-  params = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(params, ema.params)
-  nnx.update(model, params)
+  if cfg.ema_decay > 0:
+    params = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(params, ema.params)
+    nnx.update(model, params)
   with atomic_output_dir(cfg.output, overwrite=True) as tmp:
     save_diffusers(model, tmp)
     save_conditions(tmp, conditions, [procedural.class_name(i)
