@@ -30,7 +30,8 @@ SHAPES = {
 }
 
 
-def _time(fn, *args, reps: int) -> float:
+def time_fn(fn, *args, reps: int) -> float:
+  """Median wall time of `fn(*args)` after one warm-up (compile) call."""
   jax.block_until_ready(fn(*args))  # compile and warm up
   times = []
   for _ in range(reps):
@@ -58,9 +59,9 @@ def bench(m: int, k: int, n: int, backend: str, reps: int) -> dict:
     return reference.epilogue(acc, x_scales, scales, None, x.dtype)
 
   kernel = jax.jit(lambda x, qw: w4a6_matmul(x, qw, backend=backend))
-  times = {"bf16": _time(bf16, x, w_bf16, reps=reps),
-           "xla_int8": _time(xla_int8, x, w_int8, qw.scales, reps=reps),
-           "kernel": _time(kernel, x, qw, reps=reps)}
+  times = {"bf16": time_fn(bf16, x, w_bf16, reps=reps),
+           "xla_int8": time_fn(xla_int8, x, w_int8, qw.scales, reps=reps),
+           "kernel": time_fn(kernel, x, qw, reps=reps)}
   return {"shape": (m, k, n), **times}
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.benchmark import time_fn
 from s2q_jax import deploy, quant
 from s2q_jax.job_config import KEEP_FP
 from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
@@ -28,16 +28,6 @@ PRESETS = {
     "small": (dict(num_attention_heads=4, num_layers=2, sample_height=16, sample_width=16),
               (2, 16, 16)),
 }
-
-
-def _time(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def _weight_bytes(model) -> int:
@@ -66,7 +56,7 @@ def main(argv=None) -> None:
     return jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a)), state
 
   fn, state = forward(model)
-  bf16_time, bf16_bytes = _time(fn, state, x, text, t, reps=args.reps), _weight_bytes(model)
+  bf16_time, bf16_bytes = time_fn(fn, state, x, text, t, reps=args.reps), _weight_bytes(model)
 
   quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP))
   quant.freeze_all(model)
@@ -75,7 +65,7 @@ def main(argv=None) -> None:
     del model
     deployed = load_pretrained(tmp, dtype=jnp.bfloat16, backend=args.backend)
   fn, state = forward(deployed)
-  q_time, q_bytes = _time(fn, state, x, text, t, reps=args.reps), _weight_bytes(deployed)
+  q_time, q_bytes = time_fn(fn, state, x, text, t, reps=args.reps), _weight_bytes(deployed)
 
   tokens = f * (h // cfg.patch_size) * (w // cfg.patch_size) + cfg.max_text_seq_length
   print(f"{preset}: {cfg.num_layers} layers, hidden {cfg.inner_dim}, {tokens} tokens; "

@@ -4,12 +4,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from s2q_jax.sampling import make_schedule, sample
+from s2q_jax.generation import sampler
 
 
 @dataclasses.dataclass
@@ -29,17 +27,9 @@ class Pool:
 def build_pool(model: nnx.Module, conditions: np.ndarray, uncond: np.ndarray, noise: np.ndarray,
                *, num_steps: int, guidance_scale: float) -> Pool:
   """Runs the sampler on each prompt, keeping (x_t, x_{t-1}, t, condition) of every step."""
-  graphdef, state = nnx.split(model)
-  schedule = make_schedule(num_inference_steps=num_steps)
-
-  @jax.jit
-  def run(state, noise, cond):
-    denoiser = nnx.merge(graphdef, state)
-    null = jnp.broadcast_to(uncond, cond.shape)
-    return sample(denoiser, noise, cond, null, schedule, guidance_scale=guidance_scale,
-                  return_trajectory=True)
-
-  final, trajectory, timesteps = run(state, jnp.asarray(noise), jnp.asarray(conditions))
+  run = sampler(model, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
+                return_trajectory=True)
+  final, trajectory, timesteps = run(noise, conditions)
   traj = np.asarray(trajectory)  # (S, P, ...)
   prev = np.concatenate([traj[1:], np.asarray(final)[None]], axis=0)
   s, p = traj.shape[:2]
