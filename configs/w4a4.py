@@ -1,6 +1,9 @@
-"""W4A4: 4-bit per-channel weights, 4-bit dynamic per-token activations."""
+"""W4A4: 4-bit per-channel weights, 4-bit dynamic per-token activations.
+
+Calibrated with S²Q-VDiT; --config.method=rtn for round-to-nearest.
+"""
 from s2q_jax.job_config import base_config
 
 
 def get_config():
-  return base_config(w_bits=4, a_bits=4, method="rtn")
+  return base_config(w_bits=4, a_bits=4, method="s2q")

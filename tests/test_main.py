@@ -7,7 +7,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.eval.num_videos=2", "--config.sampler.num_steps=2"]
+# S²Q calibration is covered by test_s2q.py; here the CLI runs round-to-nearest to stay fast.
+TINY = ["--config.method=rtn", "--config.eval.num_videos=2", "--config.sampler.num_steps=2"]
 
 
 def _run(*args, cwd=ROOT):
@@ -54,7 +55,7 @@ def test_overrides_change_bits_and_layers(tmp_path):
     (["--config.workdir=/proc/forbidden"], "cannot write to workdir"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, fragment):
-  proc = _run("--config", "configs/w4a6.py", *args)
+  proc = _run("--config", "configs/w4a6.py", "--config.method=rtn", *args)
   assert proc.returncode != 0
   err = proc.stderr.strip().splitlines()
   assert "Traceback" not in proc.stderr
