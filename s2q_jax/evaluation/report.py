@@ -50,8 +50,22 @@ def to_markdown(r: dict[str, Any]) -> str:
   ]
   lines += [f"- `{os.path.basename(g)}`" for g in r["videos"]]
   if r.get("calibration"):
-    lines += ["", "## Calibration", "", "```", json.dumps(r["calibration"], indent=2), "```"]
+    lines += ["", *_calibration_markdown(r["calibration"])]
   return "\n".join(lines) + "\n"
+
+
+def _calibration_markdown(c: dict[str, Any]) -> list[str]:
+  lines = ["## Calibration", "",
+           f"{len(c['selected'])} of {c['num_candidates']} candidates selected, "
+           f"sharded over {c['devices']} device(s).", "",
+           "| block | time (s) | peak RSS (GiB) | loss, first → last epoch | output MSE |",
+           "|---|---|---|---|---|"]
+  for b in c["blocks"]:
+    loss = ("—" if b["loss_first_epoch"] is None
+            else f"{b['loss_first_epoch']:.3g} → {b['loss_last_epoch']:.3g}")
+    lines.append(f"| {b['block']} | {b['seconds']:.1f} | {b['peak_rss_gib']:.2f} | {loss} | "
+                 f"{b['output_mse_after_freeze']:.3g} |")
+  return lines
 
 
 def summary_table(r: dict[str, Any]) -> str:
