@@ -13,20 +13,6 @@ from pallas_kernels.weights import QuantizedWeight
 BACKENDS = ("auto", "reference", "interpret", "gpu", "tpu", "tpu_interpret")
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _block(dim: int, preferred: int, align: int) -> tuple[int, int]:
-  """(block, padded dim): `preferred` if it tiles `dim`, else the whole (aligned) dim when small."""
-  if dim % preferred == 0:
-    return preferred, dim
-  if dim <= preferred:
-    padded = _round_up(dim, align)
-    return padded, padded
-  return preferred, _round_up(dim, preferred)
-
-
 def _resolve(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -59,25 +45,18 @@ def w4a6_matmul(x: jax.Array, qw: QuantizedWeight, bias: jax.Array | None = None
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
 def _matmul_2d(x, qw, bias, act_bits, backend, block_m, block_n, block_k):
+  # Quantized once, by XLA, for every back-end: identical codes everywhere, and
+  # fusing it into the kernel would redo it for every N tile.
   codes, scales = reference.quantize_activations(x, act_bits)
   if backend == "reference":
     return reference.matmul(codes, scales, qw, bias, x.dtype)
-  m, k = x.shape
-  n = qw.out_features
-  bm, mp = _block(m, block_m, 8)
-  bn, np_ = _block(n, block_n, 8)
-  bk, kp = _block(k, block_k, 2)
-  # Zero padding is exact: padded codes contribute 0 to every dot product.
-  codes = jnp.pad(codes, ((0, mp - m), (0, kp - k)))
-  scales = jnp.pad(scales, ((0, mp - m), (0, 0)), constant_values=1.0)
-  kw = (kp - k) // 2 if qw.packed else kp - k
-  # A zero byte unpacks to code -8: pad packed weights with 0x88 (codes 0, 0) instead.
-  w = jnp.pad(qw.data, ((0, np_ - n), (0, kw)), constant_values=0x88 if qw.packed else 0)
-  w_scales = jnp.pad(qw.scales, (0, np_ - n)).reshape(1, -1)
-  b = jnp.zeros((1, np_), jnp.float32) if bias is None else \
-      jnp.pad(bias.astype(jnp.float32), (0, np_ - n)).reshape(1, -1)
+  if qw.packed:  # even-k columns meet the low nibbles, odd-k the high ones
+    x_parts = (codes[:, 0::2], codes[:, 1::2])
+    w = jax.lax.bitcast_convert_type(qw.data, jnp.int8)
+  else:
+    x_parts, w = (codes,), qw.data
+  b = jnp.zeros(qw.out_features, jnp.float32) if bias is None else bias.astype(jnp.float32)
   kernel = pallas_tpu.matmul if backend.startswith("tpu") else pallas_gpu.matmul
-  out = kernel(codes, scales, w, w_scales, b, packed=qw.packed, out_dtype=x.dtype,
-               block_m=bm, block_n=bn, block_k=bk,
-               interpret=backend in ("interpret", "tpu_interpret"))
-  return out[:m, :n]
+  return kernel(x_parts, scales, w, qw.scales, b, packed=qw.packed, out_dtype=x.dtype,
+                block_m=block_m, block_n=block_n, block_k=block_k,
+                interpret=backend in ("interpret", "tpu_interpret"))

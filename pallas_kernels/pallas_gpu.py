@@ -1,10 +1,26 @@
-"""Pallas kernel for GPUs (Triton lowering); also the `interpret` back-end on CPU.
+"""Pallas kernel for NVIDIA GPUs, Triton lowering; also the `interpret` back-end on CPU.
 
-Grid over (M, N) output tiles; each program loops over K in `block_k` steps:
-loads int8 activation codes and packed weight codes, unpacks nibbles in
-registers, accumulates int8 × int8 → int32, then applies the per-token and
-per-channel scales and the bias in the epilogue. Inputs arrive padded to
-whole tiles (see `ops.py`).
+Grid over (M, N) output tiles; each program loops over K, loading int8
+activation codes and packed weight bytes, unpacking the nibbles in registers
+and accumulating int8 × int8 → int32 on the tensor cores, then applies the
+per-token and per-channel scales and the bias in the epilogue.
+
+Layout choices, all for Triton/Hopper:
+- Weights stay (N, K): the dot contracts the last dim of both operands, so
+  both are K-major, as int8 tensor-core instructions need.
+- 4-bit: instead of interleaving the two nibbles of a byte back into K order
+  (a register shuffle), the caller hands over the even-k and odd-k activation
+  columns separately; low nibbles multiply the even columns, high nibbles the
+  odd ones, two dots per K step and no data movement.
+- Triton needs power-of-two tiles. Ragged M (17,776 tokens) is handled by
+  masked loads and stores of the last row tile rather than padding, which
+  would cost an extra copy of the output; N and K are padded only when they
+  are not multiples of a tile (never for the model dims).
+
+The Triton back-end is picked explicitly (`CompilerParams`): jax would lower a
+bare `pallas_call` with Mosaic GPU, which stages whole blocks in shared memory.
+Not run on GPU hardware here; CI lowers it to Triton IR and runs the same
+body in the Pallas interpreter.
 """
 from __future__ import annotations
 
@@ -13,44 +29,73 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.weights import unpack_nibbles
+from pallas_kernels import tiling
+
+_NT = (((1,), (1,)), ((), ()))  # contract the last dim of both operands
 
 
-def _kernel(x_ref, xs_ref, w_ref, ws_ref, b_ref, o_ref, *, block_k: int, k_steps: int,
-            packed: bool):
-  bm, bn = o_ref.shape
+def unpack_pair(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Packed bytes (as int8) → (low-nibble codes, high-nibble codes), int8 in [-8, 7].
+
+  Uses only signed ops (the byte is sign-extended, then masked) so it lowers on
+  every back-end; Triton's dot refuses unsigned inputs anyway.
+  """
+  w = w.astype(jnp.int32)
+  return ((w & 15) - 8).astype(jnp.int8), (((w >> 4) & 15) - 8).astype(jnp.int8)
+
+
+def _kernel(*refs, m: int, block_kc: int, k_steps: int, packed: bool):
+  *x_refs, xs_ref, w_ref, ws_ref, b_ref, o_ref = refs
+  bm = o_ref.shape[0]
+  rows = pl.program_id(0) * bm + jnp.arange(bm)
+  valid = (rows < m)[:, None]  # the last row tile may run past M
 
   def body(step, acc):
-    x = x_ref[:, pl.ds(step * block_k, block_k)]
-    if packed:
-      w = unpack_nibbles(w_ref[:, pl.ds(step * (block_k // 2), block_k // 2)])
-    else:
-      w = w_ref[:, pl.ds(step * block_k, block_k)]
-    return acc + jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.int32)
+    cols = pl.ds(pl.multiple_of(step * block_kc, block_kc), block_kc)
+    w = w_ref[:, cols]
+    w_parts = unpack_pair(w) if packed else (w,)
+    for x_ref, w_part in zip(x_refs, w_parts):
+      x = pltriton.load(x_ref.at[:, cols], mask=valid, other=0)
+      acc += jax.lax.dot_general(x, w_part, _NT, preferred_element_type=jnp.int32)
+    return acc
 
-  acc = jax.lax.fori_loop(0, k_steps, body, jnp.zeros((bm, bn), jnp.int32))
-  y = acc.astype(jnp.float32) * xs_ref[...] * ws_ref[...] + b_ref[...]
-  o_ref[...] = y.astype(o_ref.dtype)
+  acc = jax.lax.fori_loop(0, k_steps, body, jnp.zeros(o_ref.shape, jnp.int32))
+  xs = pltriton.load(xs_ref, mask=valid, other=0.0)
+  y = acc.astype(jnp.float32) * xs * ws_ref[...] + b_ref[...]
+  pltriton.store(o_ref, y.astype(o_ref.dtype), mask=valid)
 
 
-def matmul(x_codes, x_scales, w_data, w_scales, bias, *, packed: bool, out_dtype,
-           block_m: int, block_n: int, block_k: int, interpret: bool = False):
-  """x_codes (M, K) int8, x_scales (M, 1), w_data (N, K or K/2), w_scales (1, N), bias (1, N)."""
-  m, k = x_codes.shape
-  n = w_data.shape[0]
-  kernel = functools.partial(_kernel, block_k=block_k, k_steps=k // block_k, packed=packed)
-  kw = k // 2 if packed else k
-  return pl.pallas_call(
-      kernel,
-      grid=(m // block_m, n // block_n),
-      in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
-                pl.BlockSpec((block_m, 1), lambda i, j: (i, 0)),
-                pl.BlockSpec((block_n, kw), lambda i, j: (j, 0)),
-                pl.BlockSpec((1, block_n), lambda i, j: (0, j)),
-                pl.BlockSpec((1, block_n), lambda i, j: (0, j))],
-      out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+def matmul(x_parts: tuple[jax.Array, ...], x_scales: jax.Array, w: jax.Array,
+           w_scales: jax.Array, bias: jax.Array, *, packed: bool, out_dtype,
+           block_m: int, block_n: int, block_k: int, interpret: bool = False) -> jax.Array:
+  """x_parts: (M, Kc) int8 each ((even, odd) columns if packed); x_scales (M, 1);
+  w (N, Kc) int8; w_scales, bias (N,) float32. Returns (M, N) `out_dtype`."""
+  m, kc = x_parts[0].shape
+  n = w.shape[0]
+  # Tensor-core dots need at least 16 rows/cols and 32 int8s along K.
+  bm = min(block_m, max(16, tiling.next_pow2(m)))
+  bn = tiling.pow2_block(n, block_n, 16)
+  bkc = tiling.pow2_block(kc, block_k // 2 if packed else block_k, 32)
+  np_, kp = tiling.round_up(n, bn), tiling.round_up(kc, bkc)
+  x_parts = tuple(tiling.pad_to(x, 1, kp) for x in x_parts)
+  w = tiling.pad_to(tiling.pad_to(w, 0, np_), 1, kp)
+  w_scales = tiling.pad_to(w_scales, 0, np_).reshape(1, np_)
+  bias = tiling.pad_to(bias, 0, np_).reshape(1, np_)
+  row_block = pl.BlockSpec((bm, kp), lambda i, j: (i, 0))
+  col_block = pl.BlockSpec((1, bn), lambda i, j: (0, j))
+  out = pl.pallas_call(
+      functools.partial(_kernel, m=m, block_kc=bkc, k_steps=kp // bkc, packed=packed),
+      grid=(pl.cdiv(m, bm), np_ // bn),
+      in_specs=[*[row_block] * len(x_parts),
+                pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
+                pl.BlockSpec((bn, kp), lambda i, j: (j, 0)),
+                col_block, col_block],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((m, np_), out_dtype),
+      compiler_params=pltriton.CompilerParams(num_warps=8 if bm * bn >= 128 * 128 else 4,
+                                              num_stages=3),
       interpret=interpret,
-  )(x_codes, x_scales, w_data, w_scales, bias)
+  )(*x_parts, x_scales, w, w_scales, bias)
+  return out if np_ == n else out[:, :n]

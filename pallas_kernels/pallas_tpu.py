@@ -2,7 +2,12 @@
 
 K is the innermost ("arbitrary") grid axis so each output tile stays resident
 while its K tiles stream through; the scales and bias are applied once, on
-the last K step. Tested on CPU in TPU interpret mode.
+the last K step. As on GPU, 4-bit weights arrive as bytes and the even-k and
+odd-k activation columns as two operands, so unpacking is elementwise (no lane
+shuffles, which Mosaic handles poorly). Tiles follow Mosaic's rules: the last
+two block dims are multiples of (32, 128) for int8, or the whole dim. A ragged
+last row tile is left to Pallas (reads past M are garbage in rows whose
+writes are dropped). Runs on CPU in TPU interpret mode; not run on a TPU here.
 """
 from __future__ import annotations
 
@@ -13,19 +18,25 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.weights import unpack_nibbles
+from pallas_kernels import tiling
+from pallas_kernels.pallas_gpu import unpack_pair
+
+_NT = (((1,), (1,)), ((), ()))
 
 
-def _kernel(x_ref, xs_ref, w_ref, ws_ref, b_ref, o_ref, acc_ref, *, packed: bool):
+def _kernel(*refs, packed: bool):
+  *x_refs, xs_ref, w_ref, ws_ref, b_ref, o_ref, acc_ref = refs
   k = pl.program_id(2)
 
   @pl.when(k == 0)
   def _():
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
-  w = unpack_nibbles(w_ref[...]) if packed else w_ref[...]
-  acc_ref[...] += jax.lax.dot_general(x_ref[...], w, (((1,), (1,)), ((), ())),
-                                      preferred_element_type=jnp.int32)
+  w = w_ref[...]
+  w_parts = unpack_pair(w) if packed else (w,)
+  for x_ref, w_part in zip(x_refs, w_parts):
+    acc_ref[...] += jax.lax.dot_general(x_ref[...], w_part, _NT,
+                                        preferred_element_type=jnp.int32)
 
   @pl.when(k == pl.num_programs(2) - 1)
   def _():
@@ -33,23 +44,44 @@ def _kernel(x_ref, xs_ref, w_ref, ws_ref, b_ref, o_ref, acc_ref, *, packed: bool
     o_ref[...] = y.astype(o_ref.dtype)
 
 
-def matmul(x_codes, x_scales, w_data, w_scales, bias, *, packed: bool, out_dtype,
-           block_m: int, block_n: int, block_k: int, interpret: bool = False):
-  m, k = x_codes.shape
-  n = w_data.shape[0]
-  bkw = block_k // 2 if packed else block_k
-  return pl.pallas_call(
+def _tile(dim: int, preferred: int, align: int, whole_up_to: int) -> tuple[int, int]:
+  """(block, padded dim) obeying Mosaic's alignment rule."""
+  block = tiling.divisor_block(dim, preferred, align)
+  if block is not None:
+    return block, dim
+  if dim <= whole_up_to:
+    return dim, dim  # a whole-dim block needs no alignment
+  return preferred, tiling.round_up(dim, preferred)
+
+
+def matmul(x_parts: tuple[jax.Array, ...], x_scales: jax.Array, w: jax.Array,
+           w_scales: jax.Array, bias: jax.Array, *, packed: bool, out_dtype,
+           block_m: int, block_n: int, block_k: int, interpret: bool = False) -> jax.Array:
+  """Same contract as `pallas_gpu.matmul`."""
+  m, kc = x_parts[0].shape
+  n = w.shape[0]
+  bm = block_m if m >= block_m else m  # small M: one whole-dim row tile
+  bn, np_ = _tile(n, block_n, 128, block_n)
+  bkc, kp = _tile(kc, block_k // 2 if packed else block_k, 128, 4096)
+  x_parts = tuple(tiling.pad_to(x, 1, kp) for x in x_parts)
+  w = tiling.pad_to(tiling.pad_to(w, 0, np_), 1, kp)
+  w_scales = tiling.pad_to(w_scales, 0, np_).reshape(1, np_)
+  bias = tiling.pad_to(bias, 0, np_).reshape(1, np_)
+  col_block = pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))
+  out = pl.pallas_call(
       functools.partial(_kernel, packed=packed),
-      grid=(m // block_m, n // block_n, k // block_k),
-      in_specs=[pl.BlockSpec((block_m, block_k), lambda i, j, kk: (i, kk)),
-                pl.BlockSpec((block_m, 1), lambda i, j, kk: (i, 0)),
-                pl.BlockSpec((block_n, bkw), lambda i, j, kk: (j, kk)),
-                pl.BlockSpec((1, block_n), lambda i, j, kk: (0, j)),
-                pl.BlockSpec((1, block_n), lambda i, j, kk: (0, j))],
-      out_specs=pl.BlockSpec((block_m, block_n), lambda i, j, kk: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      scratch_shapes=[pltpu.VMEM((block_m, block_n), jnp.int32)],
+      grid=(pl.cdiv(m, bm), np_ // bn, kp // bkc),
+      in_specs=[*[pl.BlockSpec((bm, bkc), lambda i, j, kk: (i, kk))] * len(x_parts),
+                pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0)),
+                pl.BlockSpec((bn, bkc), lambda i, j, kk: (j, kk)),
+                col_block, col_block],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((m, np_), out_dtype),
+      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=pltpu.InterpretParams() if interpret else False,
-  )(x_codes, x_scales, w_data, w_scales, bias)
+      # Reads past a ragged last row tile are legal on TPU (garbage in dropped rows).
+      interpret=pltpu.InterpretParams(out_of_bounds_reads="uninitialized") if interpret
+      else False,
+  )(*x_parts, x_scales, w, w_scales, bias)
+  return out if np_ == n else out[:, :n]
