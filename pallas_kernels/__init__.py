@@ -1,12 +1,17 @@
-"""Fused low-bit matmuls: int4 (2–8 bit) weights × per-token int6 (2–8 bit) activations.
+"""Fused low-bit matmuls: 2–8-bit weights (4-bit packed two per byte) × per-token
+2–8-bit activations (int6 by default), int32 accumulation, scales and bias in the epilogue.
 
-Back-ends: `reference` (plain JAX, the oracle), `interpret` (the GPU kernel
-body run by the Pallas interpreter, for CPU tests), `gpu` (Pallas, Triton
-lowering), `tpu` (Pallas Mosaic TPU), `tpu_interpret`, and `auto`.
+  qw = quantize_weight(kernel_kn, bits=4)            # or QuantizedWeight.from_codes(...)
+  y = w4a6_matmul(x, qw, bias, act_bits=6, backend="auto")
+
+Back-ends (`BACKENDS`): `reference` (plain JAX, the oracle), `gpu` (Pallas,
+Triton lowering), `tpu` (Pallas Mosaic TPU), `interpret` / `tpu_interpret`
+(those kernel bodies run by the Pallas interpreters, for CPU tests), and
+`auto` (gpu or tpu by platform, else reference).
 """
-from pallas_kernels.ops import BACKENDS, w4a6_matmul
+from pallas_kernels.ops import BACKENDS, resolve_backend, w4a6_matmul
 from pallas_kernels.weights import (QuantizedWeight, dequantize_weight, quantize_weight,
                                     unpack_codes)
 
-__all__ = ["BACKENDS", "QuantizedWeight", "dequantize_weight", "quantize_weight", "unpack_codes",
-           "w4a6_matmul"]
+__all__ = ["BACKENDS", "QuantizedWeight", "dequantize_weight", "quantize_weight",
+           "resolve_backend", "unpack_codes", "w4a6_matmul"]

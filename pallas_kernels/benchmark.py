@@ -1,6 +1,7 @@
 """Times W4A6 linears against bf16 and the simple int8 alternative, in one table.
 
   python -m pallas_kernels.benchmark [--shapes cogvideox|small] [--backend auto]
+      [--block-m 128 --block-n 128 --block-k 256]   # kernel tiles, for tuning
 
 Columns, all with activation quantization included where it applies:
   bf16        XLA's bf16 matmul, x (M, K) @ W (K, N)
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import quantize_weight, reference, unpack_codes, w4a6_matmul
+from pallas_kernels import ops, quantize_weight, reference, unpack_codes, w4a6_matmul
 
 TOKENS = 17_550 + 226  # CogVideoX-2B, 49 frames at 480×720: video + text tokens
 SHAPES = {
@@ -41,7 +42,7 @@ def time_fn(fn, *args, reps: int) -> float:
   return float(np.median(times))
 
 
-def bench(m: int, k: int, n: int, backend: str, reps: int) -> dict:
+def bench(m: int, k: int, n: int, backend: str, reps: int, tiles: dict) -> dict:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
   w = rng.standard_normal((k, n)).astype(np.float32) * 0.02
@@ -58,7 +59,7 @@ def bench(m: int, k: int, n: int, backend: str, reps: int) -> dict:
                               preferred_element_type=jnp.int32)
     return reference.epilogue(acc, x_scales, scales, None, x.dtype)
 
-  kernel = jax.jit(lambda x, qw: w4a6_matmul(x, qw, backend=backend))
+  kernel = jax.jit(lambda x, qw: w4a6_matmul(x, qw, backend=backend, **tiles))
   times = {"bf16": time_fn(bf16, x, w_bf16, reps=reps),
            "xla_int8": time_fn(xla_int8, x, w_int8, qw.scales, reps=reps),
            "kernel": time_fn(kernel, x, qw, reps=reps)}
@@ -71,19 +72,24 @@ def main(argv=None) -> None:
                       help="default: cogvideox on GPU/TPU, small on CPU")
   parser.add_argument("--backend", default="auto")
   parser.add_argument("--reps", type=int, default=10)
+  for dim, default in (("m", 128), ("n", 128), ("k", 256)):
+    parser.add_argument(f"--block-{dim}", type=int, default=default)
   args = parser.parse_args(argv)
+  tiles = dict(block_m=args.block_m, block_n=args.block_n, block_k=args.block_k)
   platform = jax.default_backend()
   shapes = SHAPES[args.shapes or ("small" if platform == "cpu" else "cogvideox")]
-  print(f"device: {jax.devices()[0].device_kind} ({platform}), kernel back-end: {args.backend}")
+  print(f"device: {jax.devices()[0].device_kind} ({platform}), kernel back-end: "
+        f"{ops.resolve_backend(args.backend)}, tiles: {tiles}")
   header = (f"{'M×K×N':>22} | {'bf16 ms':>8} {'TOP/s':>6} | {'int8 ms':>8} {'TOP/s':>6} | "
             f"{'kernel ms':>9} {'TOP/s':>6} | {'vs bf16':>7} {'vs int8':>7}")
   print(header + "\n" + "-" * len(header))
   for m, k, n in shapes:
-    r = bench(m, k, n, args.backend, args.reps)
+    r = bench(m, k, n, args.backend, args.reps, tiles)
     tops = {c: 2 * m * k * n / r[c] / 1e12 for c in ("bf16", "xla_int8", "kernel")}
-    print(f"{f'{m}×{k}×{n}':>22} | {r['bf16'] * 1e3:8.3f} {tops['bf16']:6.1f} | "
-          f"{r['xla_int8'] * 1e3:8.3f} {tops['xla_int8']:6.1f} | {r['kernel'] * 1e3:9.3f} "
-          f"{tops['kernel']:6.1f} | {r['bf16'] / r['kernel']:6.2f}× {r['xla_int8'] / r['kernel']:6.2f}×")
+    print(f"{f'{m}×{k}×{n}':>22} | {r['bf16'] * 1e3:8.3f} {tops['bf16']:6.3g} | "
+          f"{r['xla_int8'] * 1e3:8.3f} {tops['xla_int8']:6.3g} | {r['kernel'] * 1e3:9.3f} "
+          f"{tops['kernel']:6.3g} | {r['bf16'] / r['kernel']:6.2f}× "
+          f"{r['xla_int8'] / r['kernel']:6.2f}×")
 
 
 if __name__ == "__main__":

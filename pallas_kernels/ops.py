@@ -13,7 +13,8 @@ from pallas_kernels.weights import QuantizedWeight
 BACKENDS = ("auto", "reference", "interpret", "gpu", "tpu", "tpu_interpret")
 
 
-def _resolve(backend: str) -> str:
+def resolve_backend(backend: str) -> str:
+  """The back-end `backend` runs on here: `auto` is gpu/tpu by platform, else reference."""
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
   if backend == "auto":
@@ -32,7 +33,7 @@ def w4a6_matmul(x: jax.Array, qw: QuantizedWeight, bias: jax.Array | None = None
   are applied to the int32 accumulator in the epilogue.
   """
   check_bits(act_bits, "act_bits")
-  backend = _resolve(backend)
+  backend = resolve_backend(backend)
   if x.shape[-1] != qw.in_features:
     raise ValueError(f"x has {x.shape[-1]} features, the weight expects {qw.in_features}")
   if bias is not None and bias.shape != (qw.out_features,):
@@ -40,6 +41,10 @@ def w4a6_matmul(x: jax.Array, qw: QuantizedWeight, bias: jax.Array | None = None
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   out = _matmul_2d(x2, qw, bias, act_bits, backend, block_m, block_n, block_k)
+  if backend == "tpu_interpret" and not isinstance(out, jax.core.Tracer):
+    # TPU interpret mode runs JAX ops from host callbacks; if the caller dispatches more
+    # eager work while they run, both can wait on each other. Finish the call first.
+    out.block_until_ready()
   return out.reshape(*lead, qw.out_features)
 
 

@@ -11,7 +11,12 @@ _TINY = 1e-8
 
 
 def quantize_activations(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
-  """Dynamic symmetric per-token quantization of (M, K) → (int8 codes, (M, 1) float32 scales)."""
+  """Dynamic symmetric per-token quantization of (M, K) → (int8 codes, (M, 1) float32 scales).
+
+  Every back-end gets its codes from this one XLA computation, so they agree
+  exactly. Exact .5 ties of x / scale (common for bf16 inputs) may round
+  either way, as XLA may divide through a reciprocal.
+  """
   lo, hi = qrange(bits)
   xf = x.astype(jnp.float32)
   scales = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1, keepdims=True), _TINY) / hi

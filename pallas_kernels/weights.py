@@ -38,13 +38,18 @@ class QuantizedWeight:
 
   @property
   def nbytes(self) -> int:
-    """Bytes of the stored arrays (codes + scales)."""
-    return int(self.data.size * self.data.dtype.itemsize + self.scales.size * 4)
+    """Bytes actually held by the arrays (packed codes + scales), not a nominal bits/8."""
+    return int(self.data.size * self.data.dtype.itemsize
+               + self.scales.size * self.scales.dtype.itemsize)
 
   @classmethod
   def from_codes(cls, codes: np.ndarray | jax.Array, scales: np.ndarray | jax.Array,
                  bits: int) -> "QuantizedWeight":
-    """From integer codes in Flax layout (K, N) and per-output-channel scales (N,)."""
+    """From integer codes in Flax layout (K, N) and per-output-channel scales (N,).
+
+    For calibrated weights (GPTQ, learned clipping): the given integers and
+    scales are stored exactly, nothing is re-rounded.
+    """
     check_bits(bits, "weight bits")
     codes = np.asarray(codes)
     k, n = codes.shape

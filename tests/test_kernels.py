@@ -3,14 +3,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
-from pallas_kernels import (QuantizedWeight, dequantize_weight, quantize_weight, unpack_codes,
-                            w4a6_matmul)
+from pallas_kernels import (QuantizedWeight, dequantize_weight, packing, quantize_weight,
+                            reference, unpack_codes, w4a6_matmul)
 from pallas_kernels.bits import qrange
 
-SHAPES = [  # (M, K, N): ragged M, small M, K needing padding, N not a multiple of the tile
+SHAPES = [  # (M, K, N): M = 1 and 7, ragged multi-tile M, K and N off the tile sizes
     (1, 64, 96), (7, 96, 64), (130, 256, 128), (300, 512, 384), (33, 300, 130),
 ]
+# Tiles small enough that SHAPES span several of them, and legal on TPU.
+TILES = dict(block_m=32, block_n=128, block_k=256)
+GPU_TILES = dict(block_m=32, block_n=32, block_k=64)
 
 
 def _case(m, k, n, w_bits, seed=0, dtype=jnp.float32):
@@ -28,7 +32,13 @@ def _exact(x, qw, bias, act_bits):
   xs = np.maximum(np.abs(xf).max(1, keepdims=True), 1e-8) / hi
   xq = np.clip(np.round(xf / xs), lo, hi).astype(np.int64)
   w = np.asarray(unpack_codes(qw)).astype(np.int64)  # (N, K)
-  return (xq @ w.T) * xs * np.asarray(qw.scales)[None] + np.asarray(bias)[None]
+  y = (xq @ w.T) * xs * np.asarray(qw.scales)[None]
+  return y if bias is None else y + np.asarray(bias)[None]
+
+
+def _run(x, qw, bias, backend, act_bits=6):
+  tiles = GPU_TILES if backend == "interpret" else TILES
+  return w4a6_matmul(x, qw, bias, act_bits=act_bits, backend=backend, **tiles)
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -36,37 +46,92 @@ def _exact(x, qw, bias, act_bits):
 def test_kernel_equals_reference_float32(m, k, n, backend):
   x, qw, bias = _case(m, k, n, 4, seed=m)
   ref = w4a6_matmul(x, qw, bias, backend="reference")
-  out = w4a6_matmul(x, qw, bias, backend=backend, block_m=64, block_n=64, block_k=128)
-  np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-5)
-  np.testing.assert_allclose(ref, _exact(x, qw, bias, 6), rtol=1e-5, atol=1e-4)
+  # Same integers, same float32 epilogue: equal up to float32 rounding.
+  np.testing.assert_allclose(_run(x, qw, bias, backend), ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ref, _exact(x, qw, bias, 6), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("w_bits,act_bits", [(2, 8), (3, 6), (4, 4), (5, 6), (8, 8), (4, 2)])
-def test_every_bit_width(w_bits, act_bits):
+@pytest.mark.parametrize("w_bits", range(2, 9))
+@pytest.mark.parametrize("act_bits", range(2, 9))
+def test_reference_is_exact_for_every_bit_width(w_bits, act_bits):
+  x, qw, bias = _case(19, 64, 32, w_bits, seed=10 * w_bits + act_bits)
+  ref = w4a6_matmul(x, qw, bias, act_bits=act_bits, backend="reference")
+  np.testing.assert_allclose(ref, _exact(x, qw, bias, act_bits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("w_bits,act_bits", [(2, 8), (3, 6), (4, 4), (5, 6), (6, 3), (7, 7),
+                                             (8, 8), (4, 2)])
+@pytest.mark.parametrize("backend", ["interpret", "tpu_interpret"])
+def test_kernels_every_bit_width(w_bits, act_bits, backend):
   x, qw, bias = _case(40, 128, 64, w_bits, seed=w_bits)
   ref = w4a6_matmul(x, qw, bias, act_bits=act_bits, backend="reference")
-  np.testing.assert_allclose(ref, _exact(x, qw, bias, act_bits), rtol=1e-5, atol=1e-4)
-  for backend in ("interpret", "tpu_interpret"):
-    out = w4a6_matmul(x, qw, bias, act_bits=act_bits, backend=backend, block_m=32, block_n=32,
-                      block_k=64)
-    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(_run(x, qw, bias, backend, act_bits), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_bfloat16_and_batch_dims():
+@pytest.mark.parametrize("backend", ["interpret", "tpu_interpret"])
+def test_bfloat16_and_batch_dims(backend):
   x, qw, bias = _case(2 * 3 * 11, 128, 96, 4, seed=5, dtype=jnp.bfloat16)
   xb = x.reshape(2, 3, 11, 128)
   ref = w4a6_matmul(xb, qw, bias, backend="reference")
-  out = w4a6_matmul(xb, qw, bias, backend="interpret")
+  out = _run(xb, qw, bias, backend)
   assert out.shape == (2, 3, 11, 96) and out.dtype == jnp.bfloat16
-  # Identical integer math; only the final rounding to bf16 may differ.
+  # Identical integer math; at most the final rounding to bf16 (one ulp) may differ.
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                             rtol=2 ** -7, atol=1e-2)
+                             rtol=2 ** -8, atol=1e-6)
+  # bf16 input quantizes to the same codes as its float32 copy.
+  ref32 = w4a6_matmul(xb.astype(jnp.float32), qw, bias, backend="reference")
+  np.testing.assert_allclose(np.asarray(ref, np.float32), ref32, rtol=2 ** -8, atol=1e-6)
 
 
-def test_no_bias():
+def test_activation_codes_match_numpy_up_to_ties():
+  """bf16 inputs often sit exactly on a .5 tie of x / scale; XLA may divide via a
+  reciprocal and round such a tie the other way. Everywhere else: identical."""
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((64, 128)), jnp.bfloat16)
+  codes, scales = reference.quantize_activations(x, 6)
+  xf = np.asarray(x, np.float32)
+  ratio = xf / (np.maximum(np.abs(xf).max(1, keepdims=True), 1e-8) / 31)
+  expected = np.clip(np.round(ratio), -32, 31)
+  tie = np.abs(np.abs(ratio - np.trunc(ratio)) - 0.5) < 1e-5
+  codes = np.asarray(codes)
+  np.testing.assert_array_equal(codes[~tie], expected[~tie])
+  assert np.abs(codes[tie] - expected[tie]).max(initial=0) <= 1
+  np.testing.assert_allclose(scales, np.abs(xf).max(1, keepdims=True) / 31, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "tpu_interpret"])
+def test_no_bias_and_zero_rows(backend):
   x, qw, _ = _case(9, 64, 32, 4)
-  np.testing.assert_allclose(w4a6_matmul(x, qw, backend="interpret"),
-                             w4a6_matmul(x, qw, backend="reference"), rtol=1e-6, atol=1e-5)
+  x = x.at[3].set(0.0)  # an all-zero token must give exactly zero, not NaN
+  out = _run(x, qw, None, backend)
+  np.testing.assert_allclose(out, w4a6_matmul(x, qw, backend="reference"), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out, _exact(x, qw, None, 6), rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(out[3]) == 0)
+
+
+@pytest.mark.parametrize("backend,platform", [("gpu", "cuda"), ("tpu", "tpu")])
+@pytest.mark.parametrize("m,k,n", [(17_776, 1920, 7680), (17_776, 7680, 1920), (7, 96, 96)])
+def test_kernels_lower_for_their_hardware(backend, platform, m, k, n):
+  """Cross-lowers on CPU: catches Triton's power-of-two and Mosaic's tiling rules
+  (compiling the lowered IR still needs the device)."""
+  qw = quantize_weight(np.ones((k, n), np.float32), 4)
+  fn = jax.jit(lambda x, qw: w4a6_matmul(x, qw, backend=backend))
+  target = "__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call"
+  text = export.export(fn, platforms=[platform],
+                       disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
+      jax.ShapeDtypeStruct((m, k), jnp.bfloat16), qw).mlir_module()
+  assert f"custom_call @{target}" in text
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_pack_unpack_round_trip_every_value(bits):
+  lo, hi = qrange(bits)
+  values = np.arange(lo, hi + 1, dtype=np.int8)
+  codes = np.stack([np.roll(values, r) for r in range(3)])[:, : (len(values) // 2) * 2]
+  packed = packing.pack(codes, bits)
+  assert packed.dtype == np.uint8 and packed.shape[1] == -(-codes.shape[1] * bits // 8)
+  np.testing.assert_array_equal(packing.unpack(packed, bits, codes.shape[1]), codes)
+  qw = QuantizedWeight.from_codes(codes.T, np.ones(3, np.float32), bits)
+  np.testing.assert_array_equal(np.asarray(unpack_codes(qw)), codes)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -83,10 +148,12 @@ def test_quantize_weight_invariants(bits):
   assert np.abs(deq - w).max() <= np.asarray(qw.scales).max() / 2 + 1e-6
 
 
-def test_four_bit_weights_are_packed_two_per_byte():
+def test_storage_and_nbytes():
   qw = quantize_weight(np.ones((64, 8)), 4)
-  assert qw.data.dtype == jnp.uint8 and qw.data.shape == (8, 32)
+  assert qw.data.dtype == jnp.uint8 and qw.data.shape == (8, 32)  # (N, K/2): two per byte
   assert qw.nbytes == 8 * 32 + 8 * 4
+  qw6 = quantize_weight(np.ones((64, 8)), 6)
+  assert qw6.data.dtype == jnp.int8 and qw6.data.shape == (8, 64) and qw6.nbytes == 8 * 64 + 32
 
 
 def test_from_codes_keeps_given_integers():
@@ -103,6 +170,8 @@ def test_bad_inputs_are_refused():
     w4a6_matmul(x[:, :32], qw)
   with pytest.raises(ValueError, match="act_bits"):
     w4a6_matmul(x, qw, act_bits=9)
+  with pytest.raises(ValueError, match="act_bits"):
+    w4a6_matmul(x, qw, act_bits=1)
   with pytest.raises(ValueError, match="backend"):
     w4a6_matmul(x, qw, backend="cuda")
   with pytest.raises(ValueError, match="bias"):
@@ -111,14 +180,37 @@ def test_bad_inputs_are_refused():
     quantize_weight(np.ones((63, 8)), 4)
   with pytest.raises(ValueError, match="from 2 to 8"):
     quantize_weight(np.ones((64, 8)), 1)
+  with pytest.raises(ValueError, match="range"):
+    QuantizedWeight.from_codes(np.full((64, 8), 8, np.int8), np.ones(8), 4)
+  with pytest.raises(ValueError, match="scales"):
+    QuantizedWeight.from_codes(np.zeros((64, 8), np.int8), np.ones(7), 4)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("m,k,n", [(17776, 1920, 1920), (130, 256, 128)])
+@pytest.mark.parametrize("m,k,n", [(17_776, 1920, 1920), (17_776, 7680, 1920), (130, 256, 128),
+                                   (7, 96, 96)])
 def test_gpu_kernel_equals_reference(m, k, n):
   x, qw, bias = _case(m, k, n, 4, dtype=jnp.bfloat16)
   ref = w4a6_matmul(x, qw, bias, backend="reference")
   out = w4a6_matmul(x, qw, bias, backend="gpu")
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                             rtol=2 ** -7, atol=1e-2)
+                             rtol=2 ** -8, atol=1e-6)
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
+@pytest.mark.parametrize("m,k,n", [(17_776, 1920, 1920), (130, 256, 128), (7, 96, 96)])
+def test_tpu_kernel_equals_reference(m, k, n):
+  x, qw, bias = _case(m, k, n, 4, dtype=jnp.bfloat16)
+  ref = w4a6_matmul(x, qw, bias, backend="reference")
+  out = w4a6_matmul(x, qw, bias, backend="tpu")
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                             rtol=2 ** -8, atol=1e-6)
+
+
+def test_benchmark_runs_on_cpu(capsys):
+  from pallas_kernels import benchmark
+  benchmark.main(["--shapes", "small", "--reps", "1"])
+  out = capsys.readouterr().out
+  assert "1000×256×1024" in out and "vs int8" in out
