@@ -2,7 +2,9 @@
 
 Input channels are quantized one at a time; each one's rounding error is
 spread over the not-yet-quantized channels through the inverse Hessian of
-the layer reconstruction loss, H = Σ xᵀx over the calibration tokens.
+the layer reconstruction loss, H = Σ xᵀx over the calibration tokens. The
+scales are fixed beforehand (min-max or learned clipping), so only the
+integer codes are chosen here.
 """
 from __future__ import annotations
 
@@ -13,40 +15,88 @@ import jax.numpy as jnp
 
 from pallas_kernels.bits import qrange
 
+_HIGHEST = jax.lax.Precision.HIGHEST  # TF32/bf16 passes would blur H and the error feedback
+
 
 def accumulate_hessian(h: jax.Array | None, x: jax.Array) -> jax.Array:
-  """h + xᵀx for a batch of layer inputs x (..., K), in float32."""
+  """h + xᵀx for a batch of layer inputs x (..., K), in float32; h=None starts at zero."""
   x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-  hx = x.T @ x
+  hx = jnp.matmul(x.T, x, precision=_HIGHEST)
   return hx if h is None else h + hx
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "percdamp"))
+def _round(w, scales, lo, hi):
+  safe = jnp.where(scales > 0, scales, 1.0)
+  return jnp.where(scales > 0, jnp.clip(jnp.round(w / safe), lo, hi), 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "block_size", "percdamp", "act_order"))
 def gptq_quantize(w: jax.Array, h: jax.Array, scales: jax.Array, *, bits: int,
-                  percdamp: float = 0.01) -> jax.Array:
-  """Integer codes (K, N) int8 for a (K, N) kernel w, given H (K, K) and scales (N,).
+                  block_size: int = 128, percdamp: float = 0.01,
+                  act_order: bool = False) -> jax.Array:
+  """Integer codes (K, N) int8 in [−2^(b−1), 2^(b−1) − 1] for a Flax kernel w (K, N).
+
+  Args:
+    w: kernel (K_in, N_out); dequantized weight is codes * scales.
+    h: Σ xᵀx (K, K) over the calibration inputs (see `accumulate_hessian`).
+    scales: per output channel (N,); a zero scale gives zero codes.
+    bits: weight bit width.
+    block_size: input channels per lazy-update block (K need not divide).
+    percdamp: damping added to H's diagonal, as a fraction of its mean.
+    act_order: quantize input channels in order of decreasing H diagonal.
 
   With H diagonal (uncorrelated inputs) this is exactly round-to-nearest.
   """
+  k, n = w.shape
+  if h.shape != (k, k) or scales.shape != (n,):
+    raise ValueError(f"gptq_quantize: w {w.shape} needs h ({k}, {k}) and scales ({n},), "
+                     f"got {h.shape} and {scales.shape}")
   lo, hi = qrange(bits)
   w = w.astype(jnp.float32)
   h = h.astype(jnp.float32)
-  k = h.shape[0]
+  scales = scales.astype(jnp.float32)
+  if act_order:
+    perm = jnp.argsort(-jnp.diag(h), stable=True)
+    w, h = w[perm], h[perm][:, perm]
+
+  # Pad K to whole blocks with dead channels; they take no error and get code 0.
+  pad = -k % block_size
+  kp = k + pad
+  w = jnp.pad(w, ((0, pad), (0, 0)))
+  h = jnp.pad(h, ((0, pad), (0, pad)))
   dead = jnp.diag(h) == 0  # channels that never see input: any code is exact
-  h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
+  h = h + jnp.diag(dead.astype(jnp.float32))
   w = jnp.where(dead[:, None], 0.0, w)
-  damp = percdamp * jnp.mean(jnp.diag(h))
-  h = h + damp * jnp.eye(k)
-  # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of channel i.
+  live = jnp.maximum(jnp.sum(~dead[:k]), 1)
+  damp = percdamp * jnp.sum(jnp.where(dead, 0.0, jnp.diag(h))) / live
+  h = h + damp * jnp.eye(kp)
+  # Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): row i holds how channel i's
+  # error moves the channels after it, with the earlier ones already fixed.
   u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T
+  rows = jnp.arange(block_size)
 
-  def step(w, i):
-    row = w[i]
-    q = jnp.clip(jnp.round(row / scales), lo, hi)
-    err = (row - q * scales) / u[i, i]
-    later = (jnp.arange(k) > i)[:, None]
-    w = w - jnp.where(later, u[i][:, None] * err[None, :], 0.0)
-    return w, q
+  def block(b, carry):
+    w, codes = carry
+    start = b * block_size
+    wb = jax.lax.dynamic_slice_in_dim(w, start, block_size, 0)
+    ub = jax.lax.dynamic_slice(u, (start, start), (block_size, block_size))
 
-  _, codes = jax.lax.scan(step, w, jnp.arange(k))
+    def column(wb, i):
+      q = _round(wb[i], scales, lo, hi)
+      err = (wb[i] - q * scales) / ub[i, i]
+      wb = wb - jnp.where((rows > i)[:, None], ub[i][:, None] * err[None, :], 0.0)
+      return wb, (q, err)
+
+    _, (q, err) = jax.lax.scan(column, wb, rows)
+    # Lazy batch update: the block's errors reach all later channels in one matmul.
+    u_rows = jax.lax.dynamic_slice_in_dim(u, start, block_size, 0)
+    later = (jnp.arange(kp) >= start + block_size)[:, None]
+    w = w - jnp.where(later, jnp.matmul(u_rows.T, err, precision=_HIGHEST), 0.0)
+    return w, jax.lax.dynamic_update_slice_in_dim(codes, q, start, 0)
+
+  codes = jnp.zeros((kp, n), jnp.float32)
+  _, codes = jax.lax.fori_loop(0, kp // block_size, block, (w, codes))
+  codes = codes[:k]
+  if act_order:
+    codes = codes[jnp.argsort(perm)]
   return codes.astype(jnp.int8)
