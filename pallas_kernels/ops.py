@@ -30,7 +30,9 @@ def w4a6_matmul(x: jax.Array, qw: QuantizedWeight, bias: jax.Array | None = None
 
   Activations are quantized per token (row) to `act_bits`, symmetric, held in
   int8; the weight's per-channel scales, the activation scales and the bias
-  are applied to the int32 accumulator in the epilogue.
+  are applied to the int32 accumulator in the epilogue. `block_*` are the
+  kernel's preferred tiles (block_k counts K, not packed bytes); each back-end
+  shrinks or pads them to what its hardware accepts.
   """
   check_bits(act_bits, "act_bits")
   backend = resolve_backend(backend)
