@@ -23,10 +23,15 @@ CLASSES = (
     ("white square shrinking", "square", (1.0, 1.0, 1.0), "shrink"),
 )
 NUM_CLASSES = len(CLASSES)
+CLASS_NAMES = tuple(c[0] for c in CLASSES)
+# The speed range gives this much travel over a default 8-frame clip; longer
+# clips move proportionally slower so the object never leaves the frame.
+_REFERENCE_FRAMES = 8
 
 
 def class_name(i: int) -> str:
-  return CLASSES[i][0]
+  """The human-readable name of class `i`, e.g. "red square moving right"."""
+  return CLASS_NAMES[i]
 
 
 def _box(px, py, hx, hy):
@@ -55,7 +60,8 @@ def _sdf(shape: str, px, py, r: float, angle: float):
 def _trajectory(motion: str, rng: np.random.Generator, f: int, h: int, w: int, r: float):
   """Per-frame (cx, cy, radius, angle) keeping the object inside the frame."""
   t = np.arange(f, dtype=np.float64)
-  speed = rng.uniform(1.2, 2.0) * w / 32
+  slow_down = min(1.0, (_REFERENCE_FRAMES - 1) / max(f - 1, 1))
+  speed = rng.uniform(1.2, 2.0) * min(h, w) / 32 * slow_down
   travel = speed * (f - 1)
   radius, angle = np.full(f, r), np.zeros(f)
   margin = r + 1
@@ -94,10 +100,21 @@ def _trajectory(motion: str, rng: np.random.Generator, f: int, h: int, w: int, r
 
 def sample_videos(class_ids: np.ndarray, rng: np.random.Generator, *, num_frames: int = 8,
                   height: int = 32, width: int = 32) -> np.ndarray:
-  """Videos (B, F, 3, H, W) float32 in [-1, 1] for the given class ids."""
+  """Videos (B, F, 3, H, W) float32 in [-1, 1] for the given class ids.
+
+  H and W must be multiples of 4 (the embedded model's patch size) and at
+  least 16, below which the shapes no longer fit their motions.
+  """
   class_ids = np.asarray(class_ids)
+  if class_ids.ndim != 1 or (class_ids.size and class_ids.dtype.kind not in "iu"):
+    raise ValueError(f"class ids must be a 1-D integer array, got {class_ids!r}")
   if class_ids.size and (class_ids.min() < 0 or class_ids.max() >= NUM_CLASSES):
-    raise ValueError(f"class ids must be in [0, {NUM_CLASSES})")
+    raise ValueError(f"class ids must be in [0, {NUM_CLASSES}), got {class_ids}")
+  if num_frames < 1:
+    raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+  if height < 16 or width < 16 or height % 4 or width % 4:
+    raise ValueError(f"height and width must be multiples of 4 and at least 16, "
+                     f"got {height}x{width}")
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
   out = np.empty((len(class_ids), num_frames, 3, height, width), np.float32)
   for b, cid in enumerate(class_ids):
@@ -111,17 +128,21 @@ def sample_videos(class_ids: np.ndarray, rng: np.random.Generator, *, num_frames
             + base)
     tint = rng.uniform(-0.08, 0.08, size=3)
     colour = np.clip(np.asarray(colour) + rng.uniform(-0.08, 0.08, size=3), -1, 1)
+    background = grad + tint[:, None, None]
     for f in range(num_frames):
-      d = _sdf(shape, xx - cx[f], yy - cy[f], radius[f], angle[f])
-      cover = np.clip(0.5 - d, 0.0, 1.0)
-      for c in range(3):
-        out[b, f, c] = np.clip((1 - cover) * (grad + tint[c]) + cover * colour[c], -1, 1)
+      # Coverage ramps over one pixel across the edge: anti-aliasing.
+      cover = np.clip(0.5 - _sdf(shape, xx - cx[f], yy - cy[f], radius[f], angle[f]), 0.0, 1.0)
+      out[b, f] = np.clip((1 - cover) * background + cover * colour[:, None, None], -1, 1)
   return out
 
 
 def batch_iterator(batch_size: int, seed: int, *, num_frames: int = 8, height: int = 32,
                    width: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Endless (videos, class_ids) batches, deterministic by seed."""
+  """Endless (videos (B, F, 3, H, W), class_ids (B,)) batches, deterministic by seed.
+
+  Class ids are drawn uniformly; one generator draws both ids and videos, so
+  the whole stream is fixed by `seed`.
+  """
   rng = np.random.default_rng(seed)
   while True:
     ids = rng.integers(0, NUM_CLASSES, size=batch_size)
@@ -129,10 +150,13 @@ def batch_iterator(batch_size: int, seed: int, *, num_frames: int = 8, height: i
 
 
 def class_embeddings(num_classes: int, seq_len: int, dim: int, seed: int = 0) -> np.ndarray:
-  """(num_classes + 1, seq_len, dim) fixed "text embeddings"; the last row is the null prompt.
+  """(num_classes + 1, seq_len, dim) float32 fixed "text embeddings".
 
-  Unit-variance Gaussian sequences play the role of a text encoder's output;
-  the null prompt is all zeros, like an empty prompt's padding.
+  Row i < num_classes is class i's condition: a unit-variance Gaussian
+  sequence, standing in for a text encoder's output. Row num_classes (the
+  last) is the null condition for classifier-free guidance, all zeros (like
+  an empty prompt's padding). The embedded model ships its own table
+  (`conditions.safetensors`); this function is what built it at training.
   """
   rng = np.random.default_rng(seed)
   table = rng.standard_normal((num_classes + 1, seq_len, dim)).astype(np.float32)
