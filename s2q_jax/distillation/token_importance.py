@@ -29,7 +29,16 @@ def attention_token_importance(q: jax.Array, k: jax.Array, *, block_size: int = 
                                scale: float | None = None) -> jax.Array:
   """(B, n_k): softmax attention each key receives, summed over heads and queries.
 
-  Memory grows with block_size², never with n_q × n_k.
+  Args:
+    q: queries (B, H, n_q, d), after any qk-norm and rotary embedding.
+    k: keys (B, H, n_k, d); n_q and n_k need not be multiples of block_size.
+    block_size: query and key tile length.
+    scale: logit scale, 1/√d when None.
+
+  Working memory is O(B·H·block_size²) for one tile plus O(B·H·n_q) for the
+  row log-sum-exps, never O(n_q·n_k). Computed in float32 at the default
+  matmul precision; the rows of the implied map sum to one, so the result
+  sums to H·n_q per batch row. It is a fixed weight: stop gradients through it.
   """
   b, h, n_q, d = q.shape
   n_k = k.shape[2]
