@@ -142,3 +142,94 @@ def test_bad_bits_are_refused():
     _qlinear(_x((4, 4)), 1, 6)
   with pytest.raises(ValueError, match="outside"):
     packing.pack(np.array([[8]], np.int8), 4)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_weight_codes_in_range_and_requantization_is_exact(bits):
+  w = _x((24, 10), 12)
+  clip = jnp.linspace(0.5, 1.0, 10)  # clipped channels reach the lowest code too
+  scales = quant.weight_scales(w, bits, clip)
+  codes = quant.quantize(w, scales, bits)
+  lo, hi = quant.qrange(bits)
+  assert float(codes.min()) >= lo and float(codes.max()) <= hi
+  assert float(codes.min()) == lo
+  np.testing.assert_array_equal(codes, jnp.round(codes))
+  # Dequantized weights requantize to the very same codes (values may move by an ulp of the scale).
+  once = quant.fake_quant_weights(w, bits)
+  s1 = quant.weight_scales(once, bits)
+  np.testing.assert_array_equal(quant.quantize(once, s1, bits),
+                                quant.quantize(w, quant.weight_scales(w, bits), bits))
+
+
+def test_weights_on_the_grid_are_reproduced_exactly():
+  codes = np.random.default_rng(13).integers(-7, 8, size=(16, 5)).astype(np.float32)
+  codes[0] = 7  # every channel's absmax sits on the top code
+  s = np.array([0.5, 0.25, 2.0, 0.125, 1.0], np.float32)  # powers of two: exact in float
+  w = jnp.asarray(codes * s)
+  np.testing.assert_array_equal(quant.fake_quant_weights(w, 4), w)
+
+
+def test_weight_channels_are_independent():
+  w = _x((16, 6), 14)
+  w2 = w.at[:, 4].multiply(30.0)
+  q1, q2 = quant.fake_quant_weights(w, 4), quant.fake_quant_weights(w2, 4)
+  keep = np.arange(6) != 4
+  np.testing.assert_array_equal(np.asarray(q1)[:, keep], np.asarray(q2)[:, keep])
+
+
+def test_export_is_exactly_what_fake_quant_evaluates():
+  """ints × scales of export() are bit-for-bit the weight the (unfrozen) forward uses."""
+  w, x, b = _x((32, 12), 15), _x((7, 32), 16), _x((12,), 17)
+  layer = _qlinear(w, 4, 6, bias=b)
+  layer.clip[...] = jnp.linspace(0.6, 1.0, 12)
+  layer.smooth = quant.SmoothScale(jnp.linspace(0.5, 2.0, 32))
+  exported = layer.export()
+  assert exported["codes"].dtype == jnp.int8 and exported["codes"].shape == (32, 12)
+  assert exported["scales"].dtype == jnp.float32 and exported["scales"].shape == (12,)
+  deq = exported["codes"].astype(jnp.float32) * exported["scales"]
+  np.testing.assert_array_equal(layer.dequantized_kernel(), deq)
+  xq = quant.fake_quant_activations(x / exported["smooth"], 6)
+  np.testing.assert_array_equal(layer(x), xq @ deq + exported["bias"])
+  # Freezing stores exactly these arrays.
+  layer.freeze()
+  for k, v in layer.export().items():
+    np.testing.assert_array_equal(v, exported[k])
+
+
+def test_freeze_refuses_codes_off_the_grid():
+  layer = _qlinear(_x((8, 4), 18), 4, 6)
+  with pytest.raises(ValueError, match=r"integers in \[-8, 7\]"):
+    layer.freeze(jnp.full((8, 4), 8.0))
+  with pytest.raises(ValueError, match="shape"):
+    layer.freeze(jnp.zeros((4, 8)))
+  layer.freeze(jnp.full((8, 4), -8.0))
+  assert int(layer.export()["codes"].min()) == -8
+
+
+def test_error_is_monotone_in_bits_with_fp_activations_too():
+  w, x = _x((64, 48), 19) * 0.1, _x((32, 64), 20)
+  ref = x @ w
+  errors = [float(jnp.mean((_qlinear(w, b, None)(x) - ref) ** 2)) for b in (8, 6, 4, 3, 2)]
+  assert errors == sorted(errors)
+
+
+def test_clip_factor_is_clamped_and_sets_the_scales():
+  w = _x((16, 6), 21)
+  layer = _qlinear(w, 4, 6)
+  layer.clip[...] = jnp.array([1.3, 1.0, 0.7, 0.05, 0.01, -1.0])
+  factor = jnp.array([1.0, 1.0, 0.7, 0.05, 0.05, 0.05])
+  np.testing.assert_array_equal(layer.clip_factor(), factor)
+  np.testing.assert_array_equal(layer.weight_scales(), quant.weight_scales(w, 4, factor))
+  np.testing.assert_array_equal(layer.weight_codes()[1], layer.weight_scales())
+
+
+def test_smoothing_gets_finite_gradients():
+  w, x = _x((16, 8), 23), _x((4, 16), 24)
+  layer = _qlinear(w, 4, 6)
+  layer.smooth = quant.SmoothScale(jnp.ones((16,)))
+
+  def loss(model):
+    return jnp.mean((model(x) - x @ w) ** 2)
+
+  g = nnx.grad(loss, argnums=nnx.DiffState(0, quant.SmoothScale))(layer).smooth[...]
+  assert np.all(np.isfinite(g)) and np.any(g != 0)

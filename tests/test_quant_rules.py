@@ -7,6 +7,7 @@ from flax import nnx
 from s2q_jax import deploy, quant
 from s2q_jax.job_config import KEEP_FP
 from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
+from s2q_jax.models.layers import Linear
 from pallas_kernels import packing
 
 CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
@@ -87,3 +88,71 @@ def test_large_four_bit_model_approaches_but_stays_under_4x():
   quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP))
   ratio = deploy.storage_bytes(model)["compression"]
   assert 3.6 < ratio < 4.0
+
+
+def test_default_keep_fp_matches_the_job_config_and_spares_block_proj_out():
+  assert quant.DEFAULT_KEEP_FP == KEEP_FP
+  rules = quant.make_rules(4, 6)  # keep_fp defaults to DEFAULT_KEEP_FP
+  for path in TOP_LEVEL | {"ofs_embedding.linear_1"}:
+    assert quant.match(rules, path) is None, path
+  for path in ("transformer_blocks.0.ff.proj_out", "transformer_blocks.7.norm1.linear",
+               "transformer_blocks.7.norm2.linear", "transformer_blocks.0.attn1.to_out"):
+    assert quant.match(rules, path) == (4, 6), path
+  assert quant.match(quant.make_rules(4, 6, keep_fp=()), "proj_out") == (4, 6)
+
+
+def test_tuple_overrides_and_config_helper():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  rules = quant.make_rules(4, 6, overrides={r"transformer_blocks\.0\..*": (8, 8),
+                                            r"\.ff\.": (3, None)})
+  assert quant.match(rules, "transformer_blocks.0.ff.proj_in") == (8, 8)
+  assert quant.match(rules, "transformer_blocks.1.ff.proj_in") == (3, None)
+  cfg = ml_collections.ConfigDict({"w_bits": 3, "a_bits": 6})
+  assert quant.rules_from_config(cfg) == quant.make_rules(3, 6)
+  cfg.overrides = ml_collections.ConfigDict({r"attn1\.to_q$": "w8a8"}, allow_dotted_keys=True)
+  assert quant.match(quant.rules_from_config(cfg), "transformer_blocks.2.attn1.to_q") == (8, 8)
+  pairs = ((r"attn1\.to_q$", "w8a8"), (r"attn1\.", (3, 6)))  # dots without a ConfigDict
+  rules = quant.rules_from_config(ml_collections.ConfigDict({"w_bits": 3, "a_bits": 6,
+                                                              "overrides": pairs}))
+  assert quant.match(rules, "transformer_blocks.2.attn1.to_q") == (8, 8)
+  assert quant.match(rules, "transformer_blocks.2.attn1.to_k") == (3, 6)
+  with pytest.raises(ValueError, match="from 2 to 8"):
+    quant.rules_from_config(ml_collections.ConfigDict({"w_bits": 1, "a_bits": 6}))
+  with pytest.raises(ValueError, match="must be 'w4a6'"):
+    quant.make_rules(4, 6, overrides={"a": (4,)})
+  with pytest.raises(ValueError, match="activation-only"):
+    quant.QuantRule("a", None, 6)
+
+
+class _Toy(nnx.Module):
+  """Just the module layout of the real model: attribute children and an nnx.List of blocks."""
+
+  def __init__(self, rngs):
+    lin = lambda: Linear(4, 4, rngs=rngs)  # noqa: E731
+    self.time_embedding = nnx.Dict(linear_1=lin())
+    self.ofs_embedding = nnx.Dict(linear_1=lin())
+    self.transformer_blocks = nnx.List([nnx.Dict(norm1=nnx.Dict(linear=lin()),
+                                                 ff=nnx.Dict(proj_out=lin()))
+                                        for _ in range(2)])
+    self.proj_out = lin()
+
+
+def test_surgery_on_lists_and_attributes_reports_every_linear():
+  model = _Toy(nnx.Rngs(0))
+  infos = quant.quantize_model(model, quant.make_rules(4, 6, overrides={
+      r"^transformer_blocks\.1\.ff\.": "w8a8"}))
+  report = {i.path: (i.w_bits, i.a_bits) for i in infos}
+  assert report == {"time_embedding.linear_1": (None, None), "ofs_embedding.linear_1": (None, None),
+                    "transformer_blocks.0.norm1.linear": (4, 6),
+                    "transformer_blocks.0.ff.proj_out": (4, 6),
+                    "transformer_blocks.1.norm1.linear": (4, 6),
+                    "transformer_blocks.1.ff.proj_out": (8, 8), "proj_out": (None, None)}
+  assert isinstance(model.transformer_blocks[1]["ff"]["proj_out"], quant.QuantLinear)
+  assert model.transformer_blocks[1]["ff"]["proj_out"].w_bits == 8
+  assert isinstance(model.proj_out, Linear)
+  # Running it again finds nothing new to wrap; freeze_all fixes the codes of every layer.
+  again = quant.quantize_model(model, quant.make_rules(4, 6))
+  assert {i.path for i in again} == {"time_embedding.linear_1", "ofs_embedding.linear_1",
+                                     "proj_out"}
+  quant.freeze_all(model)
+  assert all(m.codes is not None for _, m in quant.quantized_layers(model))

@@ -11,14 +11,22 @@ quantized. Everything a method learns is a Variable of its own type
 (`WeightClip`, `SmoothScale`, `Rotation`), so optimisers select parameter
 groups by type and the model's code never changes. `freeze()` stores the
 integer codes and scales that deployment will use, after which evaluation
-runs exactly the deployed arithmetic. Methods that need more (e.g. a
-low-rank error branch) subclass this and override `__call__` or
-`effective_kernel`.
+runs exactly the deployed arithmetic.
+
+Adding a method's own state: subclass `QuantLinear`, create the new
+parameters in `__init__` as a new `QuantParam` subclass (so optimisers pick
+them by type, s2q checkpoints save them with `nnx.Any(QuantParam, Codes)`
+and storage accounting does not count them as model weights), override
+`transform_input` / `effective_kernel` for anything that folds into the
+weights, or `__call__` for an extra branch (e.g. Q-VDiT's rank-1 term), and
+pass the class as `quantize_model(..., layer_cls=MyQuantLinear)`. An extra
+branch that does not fold must also be exported, or deployment drops it.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pallas_kernels import reference
@@ -31,7 +39,16 @@ class QuantParam(nnx.Param):
 
 
 class WeightClip(QuantParam):
-  """Per-output-channel fraction of |W|max mapped to the top code; 1 = min-max (RTN)."""
+  """Per-output-channel fraction of |W|max mapped to the top code; 1 = min-max (RTN).
+
+  The stored value is the factor itself (1 = exact RTN, no logits) and is used
+  clamped to [MIN_CLIP, 1]. A clamp has no gradient outside its range, so an
+  optimiser must project the value back after each step
+  (``jnp.clip(c, MIN_CLIP, 1.0)``); otherwise one step past 1, where every factor
+  starts, freezes that channel at min-max. The projection is done there, not by a
+  sign-dependent gradient here, because gradients must stay linear in the loss
+  (sharded sums and pmean must equal the full-batch gradient).
+  """
 
 
 class SmoothScale(QuantParam):
@@ -83,13 +100,20 @@ class QuantLinear(nnx.Module):
       w = self.rotation[...].astype(jnp.float32).T @ w
     return w
 
+  def clip_factor(self) -> jax.Array:
+    """(N,) clipping factors in [MIN_CLIP, 1] that the weight scales use."""
+    return jnp.clip(self.clip[...], MIN_CLIP, 1.0)
+
+  def weight_scales(self) -> jax.Array:
+    """(N,) scales of the current (unfrozen) state: those GPTQ must round for."""
+    return quantizer.weight_scales(self.effective_kernel(), self.w_bits, self.clip_factor())
+
   def weight_codes(self) -> tuple[jax.Array, jax.Array]:
     """(codes (K, N) as float, scales (N,)): frozen ones if present, else from the current state."""
     if self.codes is not None:
       return self.codes[...].astype(jnp.float32), self.scales[...]
     w = self.effective_kernel()
-    clip = jnp.clip(self.clip[...], MIN_CLIP, 1.0)
-    scales = quantizer.weight_scales(w, self.w_bits, clip)
+    scales = quantizer.weight_scales(w, self.w_bits, self.clip_factor())
     return quantizer.quantize(w, scales, self.w_bits), scales
 
   def dequantized_kernel(self) -> jax.Array:
@@ -125,9 +149,25 @@ class QuantLinear(nnx.Module):
     `codes` (K, N) replaces round-to-nearest (e.g. GPTQ's, for the current scales).
     """
     rtn_codes, scales = self.weight_codes()
-    codes = rtn_codes if codes is None else codes
+    if codes is None:
+      codes = rtn_codes
+    else:
+      self._check_codes(codes)
     self.codes = Codes(codes.astype(jnp.int8))
     self.scales = Codes(scales.astype(jnp.float32))
+
+  def _check_codes(self, codes: jax.Array) -> None:
+    # Casting to int8 would silently wrap codes that are off the b-bit grid.
+    if codes.shape != (self.in_features, self.out_features):
+      raise ValueError(f"{self.path}: codes of shape {codes.shape}, expected "
+                       f"{(self.in_features, self.out_features)} (K, N)")
+    if isinstance(codes, jax.core.Tracer):
+      return
+    lo, hi = quantizer.qrange(self.w_bits)
+    c = np.asarray(codes, np.float64)
+    if not (np.all(c == np.round(c)) and c.min() >= lo and c.max() <= hi):
+      raise ValueError(f"{self.path}: codes must be integers in [{lo}, {hi}] for "
+                       f"{self.w_bits}-bit weights (got [{c.min()}, {c.max()}])")
 
   def export(self) -> dict[str, jax.Array]:
     """The arrays a deployed layer needs: codes (K, N) int8, scales (N,), bias, transforms."""

@@ -1,9 +1,11 @@
 """Uniform symmetric quantizers: per-output-channel weights, dynamic per-token activations.
 
 b-bit codes are the integers [-2^(b-1), 2^(b-1) - 1] (6-bit: [-32, 31]);
-scales map absmax onto 2^(b-1) - 1. Rounding uses a straight-through
-estimator so clipping factors, smoothing scales and rotations can be learned
-through the quantizer.
+scales map absmax onto 2^(b-1) - 1, so -2^(b-1) is only reached by clipped
+weights. Rounding uses a straight-through estimator so clipping factors,
+smoothing scales and rotations can be learned through the quantizer. The
+grid is the one `pallas_kernels.reference` deploys: fake-quant values are
+codes × scales of exactly those codes and scales.
 """
 from __future__ import annotations
 
@@ -34,8 +36,19 @@ def weight_scales(w: jax.Array, bits: int, clip: jax.Array | None = None) -> jax
   return jnp.maximum(absmax, _TINY) / qrange(bits)[1]
 
 
+def fake_quant_weights(w: jax.Array, bits: int, clip: jax.Array | None = None) -> jax.Array:
+  """Per-output-channel quantize → dequantize of a (K, N) kernel, in float32."""
+  wf = w.astype(jnp.float32)
+  scales = weight_scales(wf, bits, clip)
+  return quantize(wf, scales, bits) * scales
+
+
 def activation_scales(x: jax.Array, bits: int) -> jax.Array:
-  """(..., 1) scales of each token (row of the last axis), computed from the data itself."""
+  """(..., 1) scales of each token (row of the last axis), computed from the data itself.
+
+  The scale is held constant for gradients (the STE then treats in-range values as
+  passed through), so a token's gradient does not depend on which entry is its max.
+  """
   absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
   return jnp.maximum(jax.lax.stop_gradient(absmax), _TINY) / qrange(bits)[1]
 

@@ -1,16 +1,24 @@
-"""Which layers are quantized, and to how many bits: regex rules on module paths.
+r"""Which layers are quantized, and to how many bits: regex rules on module paths.
 
 Paths are dotted NNX paths such as ``transformer_blocks.3.attn1.to_q``. The
-first rule whose pattern matches (``re.search``) decides; a rule with
-``w_bits=None`` keeps the layer in full precision.
+first rule whose pattern matches (``re.search``, so anchor with ^/$ and end
+block numbers with ``\.``: ``transformer_blocks\.1`` also matches block 10)
+decides; a rule with ``w_bits=None`` keeps the layer in full precision.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 from s2q_jax.quant.quantizer import check_bits
+
+
+# Kept in full precision by default: embeddings and the output head. Anchored,
+# because an unanchored `proj_out$` would also catch every block's `ff.proj_out`.
+# Everything else, the adaLN modulation linears (`norm1.linear`) included, is quantized.
+DEFAULT_KEEP_FP = (r"^patch_embed\.", r"^time_embedding\.", r"^ofs_embedding\.",
+                   r"^norm_out\.", r"^proj_out$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +36,9 @@ class QuantRule:
       check_bits(self.w_bits, f"w_bits of rule {self.pattern!r}")
     if self.a_bits is not None:
       check_bits(self.a_bits, f"a_bits of rule {self.pattern!r}")
+      if self.w_bits is None:
+        raise ValueError(f"rule {self.pattern!r}: a_bits={self.a_bits} without w_bits; "
+                         "activation-only quantization is not supported")
 
 
 def parse_bits(spec: str) -> tuple[int, int | None]:
@@ -39,20 +50,44 @@ def parse_bits(spec: str) -> tuple[int, int | None]:
   return int(m.group(1)), (None if a in (None, "fp") else int(a))
 
 
-def make_rules(w_bits: int, a_bits: int | None, *, keep_fp: Iterable[str] = (),
-               overrides: Mapping[str, str] | None = None) -> list[QuantRule]:
-  """keep-FP patterns first, then per-layer overrides, then the default bits for the rest."""
+BitSpec = Union[str, Tuple[int, Optional[int]]]
+
+
+def _override_bits(pattern: str, spec: BitSpec) -> tuple[int, int | None]:
+  if isinstance(spec, str):
+    return parse_bits(spec)
+  if isinstance(spec, (tuple, list)) and len(spec) == 2:
+    return spec[0], spec[1]
+  raise ValueError(f"override {pattern!r}: bits {spec!r} must be 'w4a6' or (w_bits, a_bits)")
+
+
+Overrides = Union[Mapping[str, BitSpec], Sequence[Tuple[str, BitSpec]]]
+
+
+def make_rules(w_bits: int, a_bits: int | None, *, keep_fp: Iterable[str] = DEFAULT_KEEP_FP,
+               overrides: Overrides | None = None) -> list[QuantRule]:
+  """keep-FP patterns first, then per-layer overrides, then the default bits for the rest.
+
+  `overrides` maps a path regex to 'w8a8' / 'w4afp' or a (w_bits, a_bits) pair, in
+  priority order (first match wins, so list the more specific pattern first). A
+  sequence of (regex, bits) pairs works too: ml_collections' ConfigDict refuses keys
+  with dots unless built with `allow_dotted_keys=True`, and most regexes have dots.
+  """
+  pairs = list(overrides.items()) if hasattr(overrides, "items") else list(overrides or ())
   rules = [QuantRule(p, None, None) for p in keep_fp]
-  rules += [QuantRule(p, *parse_bits(spec)) for p, spec in (overrides or {}).items()]
+  rules += [QuantRule(p, *_override_bits(p, spec)) for p, spec in pairs]
   rules.append(QuantRule(".*", check_bits(w_bits, "quant.w_bits"),
                          None if a_bits is None else check_bits(a_bits, "quant.a_bits")))
   return rules
 
 
 def rules_from_config(qcfg) -> list[QuantRule]:
-  """Rules from a config's `quant` section (w_bits, a_bits, keep_fp, overrides)."""
-  return make_rules(qcfg.w_bits, qcfg.a_bits, keep_fp=list(qcfg.keep_fp),
-                    overrides=dict(qcfg.overrides))
+  """Rules from a config's `quant` section: w_bits, a_bits, optional keep_fp and overrides."""
+  keep_fp = getattr(qcfg, "keep_fp", None)
+  overrides = getattr(qcfg, "overrides", None)
+  return make_rules(qcfg.w_bits, qcfg.a_bits,
+                    keep_fp=DEFAULT_KEEP_FP if keep_fp is None else list(keep_fp),
+                    overrides=overrides)
 
 
 def match(rules: Sequence[QuantRule], path: str) -> tuple[int, int | None] | None:
