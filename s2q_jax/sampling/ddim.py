@@ -1,9 +1,14 @@
 """CogVideoX's DDIM sampler (diffusers' `CogVideoXDDIMScheduler`, eta = 0) in JAX.
 
 v-prediction on a scaled-linear beta schedule whose cumulative alphas are
-SNR-shifted and rescaled to zero terminal SNR, "trailing" timestep spacing.
+SNR-shifted and rescaled to zero terminal SNR, "trailing" timestep spacing
+(CogVideoX-2B's scheduler config; 5B differs only in snr_shift_scale = 1).
 Per-step coefficients are computed once in float64 with numpy, as diffusers
 does, and the sampling loop is a `lax.scan`.
+
+Classifier-free guidance follows `CogVideoXPipeline`: one batched model call
+on [uncond, cond], `v_u + g (v_c − v_u)`, and none at all when g <= 1. The
+pipeline's `use_dynamic_cfg` (a per-step guidance scale) is not implemented.
 """
 from __future__ import annotations
 
@@ -14,13 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# denoise_fn(latents (B, F, C, H, W), cond (B, L, D), timesteps (B,) int32) -> v prediction.
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DDIMSchedule:
-  alphas_cumprod: np.ndarray  # (num_train_timesteps,) float64
-  timesteps: np.ndarray  # (num_steps,) int32, descending
+  """A schedule's constants; closed over by jitted code, not passed as a pytree."""
+  alphas_cumprod: np.ndarray  # (num_train_timesteps,) float64 (float32 for "linear" betas)
+  timesteps: np.ndarray  # (num_steps,) int32, descending: the model's timestep at each step
   # (num_steps, 4) float32 per step: sqrt(ᾱ_t), sqrt(1 − ᾱ_t), and the DDIM
   # update's a_t (weight of x_t) and b_t (weight of the predicted x_0).
   coefficients: np.ndarray
@@ -29,34 +36,70 @@ class DDIMSchedule:
   def num_train_timesteps(self) -> int:
     return len(self.alphas_cumprod)
 
+  @property
+  def num_steps(self) -> int:
+    return len(self.timesteps)
+
 
 def train_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
                          beta_end: float = 0.012, snr_shift_scale: float = 3.0,
-                         rescale_zero_snr: bool = True) -> np.ndarray:
-  betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-  ac = np.cumprod(1.0 - betas)
-  ac = ac / (snr_shift_scale + (1 - snr_shift_scale) * ac)
-  if rescale_zero_snr:  # Lin et al. 2024, Algorithm 1
+                         rescale_zero_snr: bool = True,
+                         beta_schedule: str = "scaled_linear") -> np.ndarray:
+  """ᾱ_t for t = 0..num_train_timesteps−1: the training noise levels."""
+  if beta_schedule == "scaled_linear":
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps,
+                        dtype=np.float64) ** 2
+  elif beta_schedule == "linear":
+    # diffusers builds linear betas in float32, and everything after follows.
+    betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)
+  else:
+    raise ValueError(f"beta_schedule must be 'scaled_linear' or 'linear', got {beta_schedule!r}")
+  dtype = betas.dtype.type
+  ac = np.cumprod(1 - betas)
+  ac = ac / (dtype(snr_shift_scale) + (1 - dtype(snr_shift_scale)) * ac)
+  if rescale_zero_snr:  # Lin et al. 2024, Algorithm 1: shift and scale sqrt(ᾱ) so ᾱ_T = 0.
     s = np.sqrt(ac)
     s0, s_last = s[0], s[-1]
-    ac = ((s - s_last) * s0 / (s0 - s_last)) ** 2
+    ac = ((s - s_last) * (s0 / (s0 - s_last))) ** 2
   return ac
+
+
+def _inference_timesteps(spacing: str, n: int, num_train: int, steps_offset: int) -> np.ndarray:
+  if spacing == "trailing":
+    return np.round(np.arange(num_train, 0, -num_train / n)).astype(np.int64) - 1
+  if spacing == "leading":
+    return (np.arange(n) * (num_train // n)).round()[::-1].astype(np.int64) + steps_offset
+  if spacing == "linspace":
+    return np.linspace(0, num_train - 1, n).round()[::-1].astype(np.int64)
+  raise ValueError(f"timestep_spacing must be 'trailing', 'leading' or 'linspace', "
+                   f"got {spacing!r}")
 
 
 def make_schedule(num_inference_steps: int = 50, *, num_train_timesteps: int = 1000,
                   beta_start: float = 0.00085, beta_end: float = 0.012,
-                  snr_shift_scale: float = 3.0, rescale_zero_snr: bool = True) -> DDIMSchedule:
-  """CogVideoX-2B's scheduler config by default (5B uses snr_shift_scale=1.0)."""
+                  beta_schedule: str = "scaled_linear", snr_shift_scale: float = 3.0,
+                  rescale_zero_snr: bool = True, timestep_spacing: str = "trailing",
+                  steps_offset: int = 0, set_alpha_to_one: bool = True) -> DDIMSchedule:
+  """CogVideoX-2B's scheduler config by default (5B uses snr_shift_scale=1.0).
+
+  The keywords mirror `CogVideoXDDIMScheduler`'s config (`rescale_zero_snr`
+  is its `rescale_betas_zero_snr`); prediction type is always v.
+  """
   if not 1 <= num_inference_steps <= num_train_timesteps:
     raise ValueError(f"num_inference_steps must be in 1..{num_train_timesteps}, "
                      f"got {num_inference_steps}")
   ac = train_alphas_cumprod(num_train_timesteps, beta_start, beta_end, snr_shift_scale,
-                            rescale_zero_snr)
-  ratio = num_train_timesteps / num_inference_steps
-  timesteps = np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
+                            rescale_zero_snr, beta_schedule)
+  timesteps = _inference_timesteps(timestep_spacing, num_inference_steps, num_train_timesteps,
+                                   steps_offset)
+  if timesteps.max() >= num_train_timesteps:
+    raise ValueError(f"steps_offset {steps_offset} puts timesteps past {num_train_timesteps - 1}")
+  # Like diffusers, the previous timestep is t − num_train // n whatever the
+  # spacing, so it need not be the next entry of `timesteps`.
   prev = timesteps - num_train_timesteps // num_inference_steps
-  a_t = ac[timesteps]
-  a_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], 1.0)  # set_alpha_to_one
+  final = 1.0 if set_alpha_to_one else ac[0]
+  a_t = ac[timesteps].astype(np.float64)
+  a_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final).astype(np.float64)
   coef_x = np.sqrt((1 - a_prev) / (1 - a_t))
   coef_x0 = np.sqrt(a_prev) - np.sqrt(a_t) * coef_x
   coefficients = np.stack([np.sqrt(a_t), np.sqrt(1 - a_t), coef_x, coef_x0], axis=1)
@@ -75,51 +118,73 @@ def add_noise(schedule: DDIMSchedule, x0: jax.Array, noise: jax.Array, t: jax.Ar
 
 
 def v_target(schedule: DDIMSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-  """The v-prediction target sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x_0."""
+  """The v-prediction target sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x_0 (diffusers' `get_velocity`)."""
   ac = _per_sample(schedule.alphas_cumprod, t, x0.ndim)
   return jnp.sqrt(ac) * noise - jnp.sqrt(1 - ac) * x0
 
 
 def ddim_step(schedule: DDIMSchedule, v: jax.Array, step: int | jax.Array,
               x: jax.Array) -> jax.Array:
-  """x_{t_prev} from x_t and the model's v prediction at step index `step`."""
+  """x_{t_prev} from x_t and the model's v prediction at step *index* `step`.
+
+  `step` indexes `schedule.timesteps` (0 is the noisiest); it is not the
+  timestep value. The update runs in float32 and returns x's dtype, as the
+  pipeline casts latents back after each step.
+  """
+  if isinstance(step, (int, np.integer)) and not 0 <= step < schedule.num_steps:
+    raise ValueError(f"step index must be in 0..{schedule.num_steps - 1}, got {step}")
   sqrt_a, sqrt_b, coef_x, coef_x0 = jnp.asarray(schedule.coefficients)[step]
-  x0 = sqrt_a * x - sqrt_b * v
-  return coef_x * x + coef_x0 * x0
+  x32, v32 = x.astype(jnp.float32), v.astype(jnp.float32)
+  x0 = sqrt_a * x32 - sqrt_b * v32
+  return (coef_x * x32 + coef_x0 * x0).astype(x.dtype)
 
 
-def guided(denoise_fn: Denoiser, x, cond, uncond, t, guidance_scale: float) -> jax.Array:
-  """Classifier-free guidance: v_u + g (v_c − v_u), both halves in one batched call."""
-  if guidance_scale == 1.0:
-    return denoise_fn(x, cond, t)
+def guided(denoise_fn: Denoiser, x: jax.Array, cond: jax.Array, uncond: jax.Array, t: jax.Array,
+           guidance_scale: float) -> jax.Array:
+  """Classifier-free guidance: v_u + g (v_c − v_u), both halves in one batched call.
+
+  As in the pipeline, g <= 1 means no guidance: one conditional call, `uncond`
+  unused. g must be a Python number (it decides the traced program).
+  """
+  if guidance_scale <= 1:
+    return denoise_fn(x, cond, t).astype(jnp.float32)
   both = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([uncond, cond]),
                     jnp.concatenate([t, t]))
-  v_u, v_c = jnp.split(both, 2)
+  v_u, v_c = jnp.split(both.astype(jnp.float32), 2)
   return v_u + guidance_scale * (v_c - v_u)
 
 
 def sample(denoise_fn: Denoiser, noise: jax.Array, cond: jax.Array, uncond: jax.Array,
            schedule: DDIMSchedule, *, guidance_scale: float = 1.0,
            return_trajectory: bool = False):
-  """Runs every step of `schedule` from `noise` (B, F, C, H, W).
+  """Runs every step of `schedule` from `noise` (B, F, C, H, W); returns x_0.
 
-  `denoise_fn(x, cond, t)` returns the v prediction for timesteps t of shape
-  (B,). With `return_trajectory`, also returns the model input x_t of every
-  step, (num_steps, B, ...), and the timesteps; the final sample is x_{-1}.
+  `denoise_fn(x, cond, t)` gets x in noise's dtype, cond (B, L, D) (2B rows,
+  [uncond; cond], under guidance) and int32 timesteps t of shape (B,) (or
+  2B), and returns the v prediction. `uncond` has cond's shape. Trace this
+  under `jax.jit` (the steps are one `lax.scan`). With `return_trajectory`,
+  returns (x_0, trajectory, timesteps): trajectory[i] is the model input x_t
+  at step i, (num_steps, B, ...); step i's output is trajectory[i + 1], and
+  x_0 for the last step.
   """
-  steps = jnp.arange(len(schedule.timesteps))
+  if not isinstance(guidance_scale, (int, float, np.number)):
+    raise TypeError(f"guidance_scale must be a Python number, got {type(guidance_scale)}")
+  if cond.shape != uncond.shape or cond.shape[0] != noise.shape[0]:
+    raise ValueError(f"cond {cond.shape} and uncond {uncond.shape} must match, with the "
+                     f"batch of noise {noise.shape}")
   timesteps = jnp.asarray(schedule.timesteps)
 
   def body(x, step):
     t = jnp.full((x.shape[0],), timesteps[step], jnp.int32)
     v = guided(denoise_fn, x, cond, uncond, t, guidance_scale)
-    return ddim_step(schedule, v.astype(x.dtype), step, x), x if return_trajectory else None
+    return ddim_step(schedule, v, step, x), x if return_trajectory else None
 
-  out, trajectory = jax.lax.scan(body, noise, steps)
+  out, trajectory = jax.lax.scan(body, noise, jnp.arange(schedule.num_steps))
   if return_trajectory:
     return out, trajectory, timesteps
   return out
 
 
-def initial_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  return jax.random.normal(key, shape, jnp.float32)
+def initial_noise(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+  """Standard normal starting latents (diffusers' init_noise_sigma is 1)."""
+  return jax.random.normal(key, shape, dtype)
