@@ -20,8 +20,9 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.quant.w_bits = w_bits
   c.quant.a_bits = a_bits
   c.quant.keep_fp = list(KEEP_FP)
-  # {regex on the layer path: "wXaY"}; first match wins, e.g. {r"transformer_blocks\.0\.": "w8a8"}.
-  c.quant.overrides = ml_collections.ConfigDict()
+  # ((regex on the layer path, "wXaY"), ...); first match wins, e.g.
+  # ((r"^transformer_blocks\.0\.", "w8a8"),) keeps the first block at 8 bits.
+  c.quant.overrides = ()
 
   # S²Q-VDiT (method=s2q): calibration data selection and block-wise distillation.
   c.calib = ml_collections.ConfigDict()

@@ -37,10 +37,15 @@ def test_main_job_smoke(tmp_path):
 
 def test_overrides_change_bits_and_layers(tmp_path):
   proc = _run("--config", "configs/w4a6.py", f"--config.workdir={tmp_path}",
-              "--config.quant.w_bits=8", "--config.quant.a_bits=8", *TINY)
+              "--config.quant.w_bits=8", "--config.quant.a_bits=8",
+              '--config.quant.overrides=(("^transformer_blocks\\.0\\.", "w3a6"),)', *TINY)
   assert proc.returncode == 0, proc.stderr[-2000:]
   report = json.loads((tmp_path / "report.json").read_text())
   assert (report["w_bits"], report["a_bits"]) == (8, 8)
+  layers = json.loads((tmp_path / "quantized_model" / "config.json").read_text())["_s2q_jax"]
+  bits = {p: (v["w_bits"], v["a_bits"]) for p, v in layers["layers"].items()}
+  assert bits["transformer_blocks.0.ff.proj_in"] == (3, 6)
+  assert bits["transformer_blocks.1.ff.proj_in"] == (8, 8)
   assert sorted(report["layers"]["full_precision"]) == [
       "norm_out.linear", "patch_embed.proj", "patch_embed.text_proj", "proj_out",
       "time_embedding.linear_1", "time_embedding.linear_2"]

@@ -27,7 +27,7 @@ from s2q_jax.distillation import attention_token_importance, token_weights
 from s2q_jax.distillation.block_reconstruction import (BlockData, NonFiniteLoss, TrainConfig,
                                                        train_block)
 from s2q_jax.errors import UserError
-from s2q_jax.quant import QuantLinear, SmoothScale, quantizer
+from s2q_jax.quant import QuantLinear, SmoothScale
 from s2q_jax.quant.apply import quantized_layers
 from s2q_jax.quant.qlinear import Codes, QuantParam
 
@@ -97,9 +97,8 @@ def _freeze_block(layers, inputs: dict, use_gptq: bool) -> None:
     h = None
     for x in inputs[path]:
       h = accumulate_hessian(h, x)
-    w = layer.effective_kernel()
-    scales = quantizer.weight_scales(w, layer.w_bits, jnp.clip(layer.clip[...], 0.05, 1.0))
-    layer.freeze(gptq_quantize(w, h, scales, bits=layer.w_bits))
+    layer.freeze(gptq_quantize(layer.effective_kernel(), h, layer.weight_scales(),
+                               bits=layer.w_bits))
 
 
 def _check_finite(block_index: int, layers) -> None:
