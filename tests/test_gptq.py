@@ -1,7 +1,9 @@
 """GPTQ against an independent OBS reference, round-to-nearest, and its exact reduction to RTN."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from s2q_jax.calibration.gptq import accumulate_hessian, gptq_quantize
 
@@ -105,3 +107,14 @@ def test_dead_input_channels_and_zero_scales():
 def test_shape_errors():
   with pytest.raises(ValueError, match="needs h"):
     gptq_quantize(jnp.zeros((8, 4)), jnp.eye(4), jnp.ones(4), bits=4)
+
+
+def test_inputs_on_an_explicit_mesh():
+  # Calibration holds weights on an explicit-sharding mesh; GPTQ must not mix in mesh-less buffers.
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  x, w, scales = _setup(4)
+  put = lambda a: jax.device_put(jnp.asarray(a), jax.sharding.NamedSharding(mesh, P()))
+  h = accumulate_hessian(None, put(x))
+  codes = gptq_quantize(put(w), h, put(scales), bits=4, block_size=16)
+  np.testing.assert_array_equal(codes, gptq_quantize(jnp.asarray(w), jnp.asarray(h),
+                                                     jnp.asarray(scales), bits=4, block_size=16))

@@ -75,8 +75,7 @@ def gptq_quantize(w: jax.Array, h: jax.Array, scales: jax.Array, *, bits: int,
   u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T
   rows = jnp.arange(block_size)
 
-  def block(b, carry):
-    w, codes = carry
+  def block(w, b):
     start = b * block_size
     wb = jax.lax.dynamic_slice_in_dim(w, start, block_size, 0)
     ub = jax.lax.dynamic_slice(u, (start, start), (block_size, block_size))
@@ -92,11 +91,12 @@ def gptq_quantize(w: jax.Array, h: jax.Array, scales: jax.Array, *, bits: int,
     u_rows = jax.lax.dynamic_slice_in_dim(u, start, block_size, 0)
     later = (jnp.arange(kp) >= start + block_size)[:, None]
     w = w - jnp.where(later, jnp.matmul(u_rows.T, err, precision=_HIGHEST), 0.0)
-    return w, jax.lax.dynamic_update_slice_in_dim(codes, q, start, 0)
+    return w, q
 
-  codes = jnp.zeros((kp, n), jnp.float32)
-  _, codes = jax.lax.fori_loop(0, kp // block_size, block, (w, codes))
-  codes = codes[:k]
+  # Codes come out as scan outputs rather than updates of a fresh buffer: a
+  # buffer made here would not carry the inputs' (explicit) mesh sharding.
+  _, codes = jax.lax.scan(block, w, jnp.arange(kp // block_size))
+  codes = codes.reshape(kp, n)[:k]
   if act_order:
     codes = codes[jnp.argsort(perm)]
   return codes.astype(jnp.int8)
