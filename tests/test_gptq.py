@@ -24,7 +24,7 @@ def _rtn(w, scales):
 
 
 def _obs_reference(w, h, scales, percdamp=0.01):
-  """Optimal Brain Surgeon form in float64: explicit inverse Hessian, one channel removed per step."""
+  """Optimal Brain Surgeon form in float64: explicit inverse Hessian, one channel out per step."""
   w, h = w.astype(np.float64).copy(), h.astype(np.float64).copy()
   dead = np.diag(h) == 0
   h[dead, dead] = 1.0

@@ -94,6 +94,9 @@ def token_weights(importance: jax.Array, lam_min: float = 0.5, lam_max: float = 
 
 
 def weighted_token_mse(y_fp: jax.Array, y_q: jax.Array, weights: jax.Array) -> jax.Array:
-  """(1/n) Σ_j λ_j ‖y_fp_j − y_q_j‖², averaged over the batch; y (B, n, D), weights (B, n)."""
+  """(1/n) Σ_j λ_j ‖y_fp_j − y_q_j‖², averaged over the batch.
+
+  y_fp, y_q: (B, n, D); weights: (B, n). Not normalised by Σλ, as in the paper.
+  """
   per_token = jnp.sum(jnp.square(y_fp.astype(jnp.float32) - y_q.astype(jnp.float32)), axis=-1)
   return jnp.mean(weights * per_token)
