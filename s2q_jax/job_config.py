@@ -44,6 +44,7 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.distill.lr_smooth = 5e-3
   c.distill.smoothing = True
   c.distill.smooth_alpha = 0.5
+  c.distill.rotation = False  # fixed Hadamard rotation of every quantized layer's input
   c.distill.gptq = True
 
   c.sampler = ml_collections.ConfigDict()

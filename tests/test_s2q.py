@@ -22,8 +22,9 @@ CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, in_channels=
                       use_rotary_positional_embeddings=True)
 
 
-def _job_config(**calib):
+def _job_config(rotation=False, **calib):
   cfg = base_config(4, 6, "s2q")
+  cfg.distill.rotation = rotation
   cfg.calib.num_prompts, cfg.calib.num_samples = 2, 4
   cfg.distill.epochs, cfg.distill.batch_size = 2, 2
   for k, v in calib.items():
@@ -44,10 +45,10 @@ def _setup():
   return fp, q, pool
 
 
-def _calibrate(workdir, log=lambda *_: None, **calib):
+def _calibrate(workdir, log=lambda *_: None, rotation=False, **calib):
   fp, q, pool = _setup()
   mesh = jax.make_mesh((1,), ("data",))
-  stats = s2q.calibrate(q, fp, pool, _job_config(**calib), str(workdir), mesh, log=log)
+  stats = s2q.calibrate(q, fp, pool, _job_config(rotation, **calib), str(workdir), mesh, log=log)
   return fp, q, stats
 
 
@@ -78,8 +79,11 @@ def test_calibration_runs_freezes_and_is_deterministic(calibrated, tmp_path):
   assert all(np.array_equal(c1[k], c2[k]) for k in c1)
 
 
-def test_learned_parts_fold_into_the_deployed_checkpoint(calibrated, tmp_path):
-  fp, q, _ = calibrated
+@pytest.mark.parametrize("rotation", [False, True])
+def test_learned_parts_fold_into_the_deployed_checkpoint(calibrated, tmp_path, rotation):
+  fp, q, _ = _calibrate(tmp_path / "rotated", rotation=True) if rotation else calibrated
+  if rotation:
+    assert all(layer.rotation is not None for _, layer in quant.quantized_layers(q))
   assert any(layer.smooth is not None for _, layer in quant.quantized_layers(q))
   deploy.export_quantized(q, str(tmp_path / "export"))
   deployed = load_pretrained(str(tmp_path / "export"), backend="interpret")

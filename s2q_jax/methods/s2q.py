@@ -27,7 +27,8 @@ from s2q_jax.distillation import attention_token_importance, token_weights
 from s2q_jax.distillation.block_reconstruction import (BlockData, NonFiniteLoss, TrainConfig,
                                                        train_block)
 from s2q_jax.errors import UserError
-from s2q_jax.quant import QuantLinear, SmoothScale
+from s2q_jax.calibration.rotation import hadamard_matrix
+from s2q_jax.quant import QuantLinear, Rotation, SmoothScale
 from s2q_jax.quant.apply import quantized_layers
 from s2q_jax.quant.qlinear import Codes, QuantParam
 
@@ -89,6 +90,14 @@ def _init_smoothing(layers: list[tuple[str, QuantLinear]], inputs: dict, alpha: 
     layer.smooth = SmoothScale(s)
 
 
+def _add_transforms(layer: QuantLinear, cfg) -> None:
+  """Placeholder smoothing (set properly from data) and the fixed Hadamard rotation, if enabled."""
+  if cfg.distill.smoothing and layer.smooth is None:
+    layer.smooth = SmoothScale(jnp.ones((layer.in_features,)))
+  if cfg.distill.rotation and layer.rotation is None:
+    layer.rotation = Rotation(hadamard_matrix(layer.in_features))
+
+
 def _freeze_block(layers, inputs: dict, use_gptq: bool) -> None:
   for path, layer in layers:
     if not use_gptq:
@@ -139,8 +148,7 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
   if done:
     for _, q_block in blocks[:done]:
       for _, layer in quantized_layers(q_block):
-        if cfg.distill.smoothing and layer.smooth is None:
-          layer.smooth = SmoothScale(jnp.ones((layer.in_features,)))
+        _add_transforms(layer, cfg)
         layer.freeze()  # placeholders with the right structure, overwritten by the restore
     state = nnx.state(q_model, nnx.Any(QuantParam, Codes))
     restored = ckpt.restore(done, args=ocp.args.StandardRestore(nnx.to_pure_dict(state)))
@@ -164,6 +172,8 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
     else:
       weights = np.ones((len(video), n_tokens), np.float32)
     paths = {p for p, _ in layers}
+    for _, layer in layers:
+      _add_transforms(layer, cfg)
     if cfg.distill.smoothing:
       with recording(q_block, paths) as collect:
         _batched(lambda v, t, e: _apply_block(q_block, v, t, e, rotary), (video_q, text_q, temb))
