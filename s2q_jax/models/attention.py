@@ -8,7 +8,6 @@ exactly as the scores see them) without materialising the probabilities.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from s2q_jax.models.embeddings import apply_rotary
