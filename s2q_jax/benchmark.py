@@ -17,7 +17,7 @@ from flax import nnx
 
 from pallas_kernels.benchmark import time_fn
 from s2q_jax import deploy, quant
-from s2q_jax.job_config import KEEP_FP
+from s2q_jax.job_config import base_config
 from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
 
 PRESETS = {
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
   fn, state = forward(model)
   bf16_time, bf16_bytes = time_fn(fn, state, x, text, t, reps=args.reps), _weight_bytes(model)
 
-  quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP))
+  quant.quantize_model(model, quant.rules_from_config(base_config(4, 6, "rtn").quant))
   quant.freeze_all(model)
   with tempfile.TemporaryDirectory() as tmp:
     deploy.export_quantized(model, tmp)

@@ -2,9 +2,11 @@
 
 A quantized checkpoint is a folder with diffusers' `config.json` (plus an
 ``_s2q_jax`` entry) and one safetensors file holding, per quantized layer,
-bit-packed integer codes in (N, K) order, float32 per-channel scales and
-bias, and any folded smoothing vector or rotation; every other parameter is
-stored in bf16. `load_pretrained` recognises the folder and returns a model
+bit-packed integer codes in (N, K) order, float16 per-channel scales, bf16
+bias, any smoothing vector (float16) and rotation (float32); every other
+parameter is stored in bf16. Calibration already uses these float16 values and
+`round_fp_params` rounds the rest, so the checkpoint reproduces the evaluated
+model exactly. `load_pretrained` recognises the folder and returns a model
 whose quantized layers are `DeployedLinear`s running `w4a6_matmul`.
 """
 from __future__ import annotations
@@ -23,11 +25,16 @@ from pallas_kernels import QuantizedWeight, packing, w4a6_matmul
 from pallas_kernels.weights import dequantize_weight
 from s2q_jax.models.params import flat_params, load_flat_params
 from s2q_jax.quant.apply import quantized_layers, replace_module
+from s2q_jax.quant import quantizer
 from s2q_jax.quant.qlinear import QuantParam
 
 WEIGHTS_NAME = "quantized_model.safetensors"
 FORMAT = "quantized"
-FP_DTYPE = jnp.bfloat16  # storage of the layers kept in full precision
+FP_DTYPE = jnp.bfloat16  # storage of the full-precision parameters and biases
+# A quantized layer's float arrays; the quantizer rounds scales and smoothing to
+# float16 during calibration already, and a rotation's orthogonality needs float32.
+_LAYER_DTYPES = {"scales": quantizer.STORAGE_DTYPE, "smooth": quantizer.STORAGE_DTYPE,
+                 "bias": FP_DTYPE, "rotation": jnp.float32}
 
 
 class Deployed(nnx.Variable):
@@ -66,12 +73,15 @@ class DeployedLinear(nnx.Module):
 
 
 def round_fp_params(model: nnx.Module, dtype=FP_DTYPE) -> None:
-  """Rounds the parameters export stores in `dtype`, so evaluation matches the checkpoint."""
+  """Rounds the parameters export stores in `dtype`, so evaluation matches the checkpoint.
+
+  That is every parameter except the kernels of quantized layers (stored as codes).
+  """
   quantized = {p for p, _ in quantized_layers(model)}
   state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(QuantParam)))
   for path, var in nnx.to_flat_state(state):
-    dotted = ".".join(map(str, path))
-    if dotted.rpartition(".")[0] not in quantized:
+    layer, _, name = ".".join(map(str, path)).rpartition(".")
+    if layer not in quantized or name != "kernel":
       var.set_value(var[...].astype(dtype).astype(var.dtype))
   nnx.update(model, state)
 
@@ -82,7 +92,8 @@ def checkpoint_tensors(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[s
   for path, layer in quantized_layers(model):
     arrays = {k: np.asarray(v) for k, v in layer.export().items()}
     tensors[f"{path}.codes"] = packing.pack(arrays.pop("codes").T, layer.w_bits)
-    tensors.update({f"{path}.{k}": v.astype(np.float32) for k, v in arrays.items()})
+    tensors.update({f"{path}.{k}": np.asarray(jnp.asarray(v).astype(_LAYER_DTYPES[k]))
+                    for k, v in arrays.items()})
     layers[path] = {"w_bits": layer.w_bits, "a_bits": layer.a_bits,
                     "in_features": layer.in_features}
   for path, value in flat_params(model).items():
@@ -109,9 +120,9 @@ def export_quantized(model: nnx.Module, folder: str) -> None:
     json.dump(config, f, indent=2)
 
 
-def folder_bytes(folder: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder)
-             for f in files)
+def weights_file_bytes(folder: str) -> int:
+  """Size on disk of a quantized checkpoint's weights file (safetensors header included)."""
+  return os.path.getsize(os.path.join(folder, WEIGHTS_NAME))
 
 
 def load_quantized(folder: str, config, meta: dict, *, backend: str = "auto",
@@ -123,7 +134,8 @@ def load_quantized(folder: str, config, meta: dict, *, backend: str = "auto",
     for path, info in meta["layers"].items():
       k, bits = info["in_features"], info["w_bits"]
       codes = packing.unpack(f.get_tensor(f"{path}.codes"), bits, k)  # (N, K)
-      weight = QuantizedWeight.from_codes(codes.T, f.get_tensor(f"{path}.scales"), bits)
+      weight = QuantizedWeight.from_codes(
+          codes.T, f.get_tensor(f"{path}.scales").astype(np.float32), bits)
       extras = {name: f.get_tensor(f"{path}.{name}") for name in ("bias", "smooth", "rotation")
                 if f"{path}.{name}" in f.keys()}
       replace_module(model, path, DeployedLinear(weight, a_bits=info["a_bits"], backend=backend,

@@ -147,7 +147,7 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     export_dir = os.path.join(workdir, "quantized_model")
     with atomic_output_dir(export_dir, overwrite=True) as tmp:
       deploy.export_quantized(model, tmp)
-    quant_bytes = deploy.folder_bytes(export_dir)
+    quant_bytes = deploy.weights_file_bytes(export_dir)
   backend = cfg.inference.backend
   with stage("quant_generation", f"generating {len(noise)} quantized videos"
              + (f" from the exported checkpoint ({backend} kernels)" if backend else "")):
@@ -200,11 +200,16 @@ def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str) -> p
 
 
 def _bf16_file_bytes(model, workdir: str) -> int:
-  """Size on disk of the model's weights saved in bf16 (diffusers safetensors)."""
+  """Size on disk of the model's weights file saved in bf16 (diffusers safetensors).
+
+  Both sides of `size.compression` are weight files with their headers; neither
+  counts config.json.
+  """
   folder = os.path.join(workdir, ".fp_bf16_size_probe")
   with atomic_output_dir(folder, overwrite=True) as tmp:
     save_diffusers(model, tmp, dtype="bfloat16")
-  size = deploy.folder_bytes(folder) - os.path.getsize(os.path.join(folder, "config.json"))
+  size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+             if f.endswith(".safetensors"))
   shutil.rmtree(folder)
   return size
 

@@ -1,8 +1,13 @@
 """Defaults of the main job's config; each `configs/wXaY.py` sets the bits and method."""
 import ml_collections
 
-# Layers kept in full precision by default: embeddings in, final norm and projection out.
-KEEP_FP = (r"^patch_embed\.", r"^time_embedding\.", r"^ofs_embedding\.", r"^norm_out\.", r"^proj_out$")
+# Kept in full precision by default: the patch/text embedding in and the projection out.
+KEEP_FP = (r"^patch_embed\.", r"^ofs_embedding\.", r"^proj_out$")
+# The timestep MLP and the final adaLN modulation act on one vector per video, so
+# their 8-bit weights cost no accuracy that shows (activations stay in float),
+# and they halve what the full-precision part weighs: on the embedded model that
+# is the difference between 3.42× and 3.5× smaller than bf16.
+WEIGHT_ONLY_8BIT = ((r"^time_embedding\.", "w8afp"), (r"^norm_out\.linear$", "w8afp"))
 
 
 def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigDict:
@@ -20,9 +25,10 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.quant.w_bits = w_bits
   c.quant.a_bits = a_bits
   c.quant.keep_fp = list(KEEP_FP)
-  # ((regex on the layer path, "wXaY"), ...); first match wins, e.g.
-  # ((r"^transformer_blocks\.0\.", "w8a8"),) keeps the first block at 8 bits.
-  c.quant.overrides = ()
+  # ((regex on the layer path, "wXaY" or "wXafp"), ...); first match wins, e.g. adding
+  # (r"^transformer_blocks\.0\.", "w8a8") keeps the first block at 8 bits; () quantizes
+  # the timestep MLP and final modulation to the default bits as well.
+  c.quant.overrides = WEIGHT_ONLY_8BIT
 
   # S²Q-VDiT (method=s2q): calibration data selection and block-wise distillation.
   c.calib = ml_collections.ConfigDict()

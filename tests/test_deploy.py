@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from s2q_jax import deploy, quant
-from s2q_jax.job_config import KEEP_FP
+from s2q_jax.job_config import base_config
 from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
 
 CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=32, in_channels=3, out_channels=3,
@@ -24,8 +24,10 @@ def _inputs(seed=0):
 def exported(tmp_path):
   fp = CogVideoXTransformer3D(CFG, rngs=nnx.Rngs(0))
   model = CogVideoXTransformer3D(CFG, rngs=nnx.Rngs(0))
-  quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP,
-                                               overrides={r"ff\.proj_in": "w3a8"}))
+  # The job's defaults (8-bit weight-only timestep MLP) plus a 3-bit override.
+  qcfg = base_config(4, 6, "rtn").quant
+  qcfg.overrides = ((r"ff\.proj_in", "w3a8"),) + tuple(qcfg.overrides)
+  quant.quantize_model(model, quant.rules_from_config(qcfg))
   quant.freeze_all(model)
   deploy.round_fp_params(model)
   deploy.export_quantized(model, str(tmp_path))

@@ -46,9 +46,10 @@ def test_overrides_change_bits_and_layers(tmp_path):
   bits = {p: (v["w_bits"], v["a_bits"]) for p, v in layers["layers"].items()}
   assert bits["transformer_blocks.0.ff.proj_in"] == (3, 6)
   assert bits["transformer_blocks.1.ff.proj_in"] == (8, 8)
+  # Replacing the overrides drops the default 8-bit weight-only timestep MLP too.
+  assert bits["time_embedding.linear_1"] == bits["norm_out.linear"] == (8, 8)
   assert sorted(report["layers"]["full_precision"]) == [
-      "norm_out.linear", "patch_embed.proj", "patch_embed.text_proj", "proj_out",
-      "time_embedding.linear_1", "time_embedding.linear_2"]
+      "patch_embed.proj", "patch_embed.text_proj", "proj_out"]
 
 
 @pytest.mark.parametrize("args,fragment", [

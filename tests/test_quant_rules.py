@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from s2q_jax import deploy, quant
-from s2q_jax.job_config import KEEP_FP
+from s2q_jax.job_config import base_config
 from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
 from s2q_jax.models.layers import Linear
 from pallas_kernels import packing
@@ -23,7 +23,7 @@ def _model():
 
 def test_default_rules_quantize_every_block_linear_and_nothing_else():
   model = _model()
-  infos = quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP))
+  infos = quant.quantize_model(model, quant.make_rules(4, 6))
   fp = {i.path for i in infos if not i.quantized}
   q = {i.path for i in infos if i.quantized}
   assert fp == TOP_LEVEL
@@ -35,7 +35,7 @@ def test_default_rules_quantize_every_block_linear_and_nothing_else():
 
 
 def test_overrides_and_first_match_wins():
-  rules = quant.make_rules(4, 6, keep_fp=KEEP_FP, overrides={
+  rules = quant.make_rules(4, 6, overrides={
       r"transformer_blocks\.0\.": "w8a8", r"\.ff\.": "w3afp"})
   assert quant.match(rules, "transformer_blocks.0.ff.proj_in") == (8, 8)
   assert quant.match(rules, "transformer_blocks.1.ff.proj_in") == (3, None)
@@ -58,7 +58,7 @@ def test_quantized_model_still_runs_and_differs_slightly():
   model = _model()
   x, text, t = jnp.ones((1, 2, 4, 8, 12)) * 0.3, jnp.ones((1, 7, 24)) * 0.1, jnp.array([500])
   ref = model(x, text, t)
-  quant.quantize_model(model, quant.make_rules(8, 8, keep_fp=KEEP_FP))
+  quant.quantize_model(model, quant.make_rules(8, 8))
   out = model(x, text, t)
   assert not np.array_equal(out, ref)
   assert float(jnp.abs(out - ref).max() / jnp.abs(ref).max()) < 0.05
@@ -67,7 +67,7 @@ def test_quantized_model_still_runs_and_differs_slightly():
 def test_storage_accounting_matches_hand_arithmetic():
   model = _model()
   n_params = sum(v.size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  infos = quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP))
+  infos = quant.quantize_model(model, quant.make_rules(4, 6))
   size = deploy.storage_bytes(model)
   assert size["fp_bytes"] == 2 * n_params
   expected = 2 * n_params
@@ -75,7 +75,7 @@ def test_storage_accounting_matches_hand_arithmetic():
     if i.quantized:
       k, n = i.shape
       expected -= 2 * (k * n + n)  # bf16 kernel and bias replaced by...
-      expected += n * packing.packed_row_bytes(k, 4) + 4 * n + 4 * n  # codes, f32 scales, bias
+      expected += n * packing.packed_row_bytes(k, 4) + 2 * n + 2 * n  # codes, f16 scales, bf16 bias
   assert size["quant_bytes"] == expected
   assert size["compression"] == pytest.approx(size["fp_bytes"] / size["quant_bytes"])
 
@@ -85,13 +85,21 @@ def test_large_four_bit_model_approaches_but_stays_under_4x():
                         time_embed_dim=64, text_embed_dim=32, num_layers=2, sample_width=8,
                         sample_height=8, sample_frames=1, patch_size=2, max_text_seq_length=4)
   model = CogVideoXTransformer3D(big, rngs=nnx.Rngs(0))
-  quant.quantize_model(model, quant.make_rules(4, 6, keep_fp=KEEP_FP))
+  quant.quantize_model(model, quant.make_rules(4, 6))
   ratio = deploy.storage_bytes(model)["compression"]
   assert 3.6 < ratio < 4.0
 
 
-def test_default_keep_fp_matches_the_job_config_and_spares_block_proj_out():
-  assert quant.DEFAULT_KEEP_FP == KEEP_FP
+def test_job_config_rules_put_the_timestep_mlp_at_8_bit_weight_only():
+  rules = quant.rules_from_config(base_config(4, 6, "s2q").quant)
+  for path in ("patch_embed.proj", "patch_embed.text_proj", "proj_out"):
+    assert quant.match(rules, path) is None, path
+  for path in ("time_embedding.linear_1", "time_embedding.linear_2", "norm_out.linear"):
+    assert quant.match(rules, path) == (8, None), path
+  assert quant.match(rules, "transformer_blocks.3.norm1.linear") == (4, 6)
+
+
+def test_default_keep_fp_spares_block_proj_out():
   rules = quant.make_rules(4, 6)  # keep_fp defaults to DEFAULT_KEEP_FP
   for path in TOP_LEVEL | {"ofs_embedding.linear_1"}:
     assert quant.match(rules, path) is None, path

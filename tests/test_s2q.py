@@ -12,7 +12,7 @@ from flax import nnx
 
 from s2q_jax import deploy, quant
 from s2q_jax.calibration.pool import build_pool
-from s2q_jax.job_config import KEEP_FP, base_config
+from s2q_jax.job_config import base_config
 from s2q_jax.methods import s2q
 from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
 
@@ -40,7 +40,7 @@ def _setup():
   pool = build_pool(fp, cond, np.zeros((4, 16), np.float32), noise, num_steps=3,
                     guidance_scale=2.0)
   q = nnx.clone(fp)
-  quant.quantize_model(q, quant.make_rules(4, 6, keep_fp=KEEP_FP))
+  quant.quantize_model(q, quant.make_rules(4, 6))
   deploy.round_fp_params(q)  # as the main job does: the checkpoint stores these in bf16
   return fp, q, pool
 

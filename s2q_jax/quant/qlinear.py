@@ -84,9 +84,15 @@ class QuantLinear(nnx.Module):
     self.scales: Codes | None = nnx.data(None)
 
   # -- what gets quantized -------------------------------------------------
+  def smooth_vector(self) -> jax.Array | None:
+    """(K,) smoothing scales as deployed (bf16 values), or None."""
+    if self.smooth is None:
+      return None
+    return quantizer.round_to_storage(self.smooth[...].astype(jnp.float32))
+
   def transform_input(self, x: jax.Array) -> jax.Array:
     if self.smooth is not None:
-      x = x / self.smooth[...].astype(x.dtype)
+      x = x / self.smooth_vector().astype(x.dtype)
     if self.rotation is not None:
       x = jnp.matmul(x, self.rotation[...].astype(x.dtype))
     return x
@@ -95,7 +101,7 @@ class QuantLinear(nnx.Module):
     """Rᵀ diag(s) W in float32: the full-precision weight that is quantized."""
     w = self.kernel[...].astype(jnp.float32)
     if self.smooth is not None:
-      w = w * self.smooth[...].astype(jnp.float32)[:, None]
+      w = w * self.smooth_vector()[:, None]
     if self.rotation is not None:
       w = self.rotation[...].astype(jnp.float32).T @ w
     return w
@@ -176,7 +182,7 @@ class QuantLinear(nnx.Module):
     if self.bias is not None:
       out["bias"] = self.bias[...]
     if self.smooth is not None:
-      out["smooth"] = self.smooth[...]
+      out["smooth"] = self.smooth_vector()
     if self.rotation is not None:
       out["rotation"] = self.rotation[...]
     return out

@@ -5,7 +5,10 @@ scales map absmax onto 2^(b-1) - 1, so -2^(b-1) is only reached by clipped
 weights. Rounding uses a straight-through estimator so clipping factors,
 smoothing scales and rotations can be learned through the quantizer. The
 grid is the one `pallas_kernels.reference` deploys: fake-quant values are
-codes × scales of exactly those codes and scales.
+codes × scales of exactly those codes and scales. Weight scales (and
+smoothing vectors) are float16 values, as checkpoints store them: half the
+bytes of float32 per channel, which matters at small K, and calibration
+already sees the values deployment will use.
 """
 from __future__ import annotations
 
@@ -15,11 +18,22 @@ import jax.numpy as jnp
 from pallas_kernels.bits import check_bits, qrange  # noqa: F401  (re-exported)
 
 _TINY = 1e-8  # scale of an all-zero channel or token: any positive value reproduces the zeros
+# How checkpoints store weight scales and smoothing vectors: float16 (as GPTQ/AWQ
+# checkpoints do) halves float32's bytes and keeps a 2⁻¹¹ relative error, 4× finer
+# than bf16; a scale error moves every weight of its channel.
+STORAGE_DTYPE = jnp.float16
+_SCALE_FLOOR = float(jnp.finfo(STORAGE_DTYPE).tiny)  # smallest normal float16, ≈ 6e-5
 
 
 def round_ste(x: jax.Array) -> jax.Array:
   """round(x) forward (exactly: x - x is 0), identity backward."""
   return jax.lax.stop_gradient(jnp.round(x)) + (x - jax.lax.stop_gradient(x))
+
+
+def round_to_storage(x: jax.Array) -> jax.Array:
+  """x rounded to `STORAGE_DTYPE` values, kept in x's dtype; identity backward."""
+  stored = x.astype(STORAGE_DTYPE).astype(x.dtype)
+  return jax.lax.stop_gradient(stored) + (x - jax.lax.stop_gradient(x))
 
 
 def quantize(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
@@ -29,11 +43,17 @@ def quantize(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
 
 
 def weight_scales(w: jax.Array, bits: int, clip: jax.Array | None = None) -> jax.Array:
-  """(N,) scales of a (K, N) kernel: max_k |w[k, n]| · clip_n / (2^(b-1) - 1)."""
+  """(N,) scales of a (K, N) kernel: max_k |w[k, n]| · clip_n / (2^(b-1) - 1), bf16-rounded.
+
+  Rounding may shrink a scale by up to 2⁻¹¹, so a channel's absmax can land just
+  past the top code; `quantize` clips it there, an error far below one step.
+  Channels with absmax below ~6e-5 · (2^(b-1) - 1) (all-zero ones included)
+  get the smallest normal float16 scale.
+  """
   absmax = jnp.max(jnp.abs(w), axis=0)
   if clip is not None:
     absmax = absmax * clip
-  return jnp.maximum(absmax, _TINY) / qrange(bits)[1]
+  return round_to_storage(jnp.maximum(absmax / qrange(bits)[1], _SCALE_FLOOR))
 
 
 def fake_quant_weights(w: jax.Array, bits: int, clip: jax.Array | None = None) -> jax.Array:
