@@ -1,8 +1,10 @@
 """Block-wise reconstruction: train one quantized block to match its full-precision twin.
 
-The learnable state is each `QuantLinear`'s clipping (`WeightClip`) and
-smoothing (`SmoothScale`), two parameter groups with their own AdamW +
-cosine schedules; activation quantization stays on. Calibration samples are
+The learnable state is chosen by Variable type, one AdamW + cosine schedule
+per type: S²Q-VDiT trains each `QuantLinear`'s clipping (`WeightClip`) and
+smoothing (`SmoothScale`), Q-VDiT its estimator branch; activation
+quantization stays on. The loss is the token-weighted MSE unless a method
+passes its own. Calibration samples are
 sharded over a `data` mesh axis: each device computes gradients on its
 shard and `pmean` averages them, so any device count gives the same update
 for the same global batch.
@@ -10,6 +12,7 @@ for the same global batch.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,39 +52,51 @@ def _optimizer(lr: float, total_steps: int) -> optax.GradientTransformation:
   return optax.adamw(optax.cosine_decay_schedule(lr, max(total_steps, 1)), weight_decay=0.0)
 
 
+LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (target, output, λ) → loss
+
+
 def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
-                mesh: jax.sharding.Mesh) -> list[float]:
-  """Optimises `block`'s clipping and smoothing in place; returns the mean loss per epoch."""
+                mesh: jax.sharding.Mesh, groups: dict[type, float] | None = None,
+                loss: LossFn = weighted_token_mse) -> list[float]:
+  """Optimises `block`'s learnable Variables in place; returns the mean loss per epoch.
+
+  `groups` maps Variable types to learning rates (default: clipping at
+  `cfg.lr_clip`, smoothing at `cfg.lr_smooth`). Outputs are (N, text + video, D).
+  """
+  groups = groups or {WeightClip: cfg.lr_clip, SmoothScale: cfg.lr_smooth}
   n = len(data.video)
   n_dev = mesh.devices.size
   batch = max(n_dev, (min(cfg.batch_size, n) // n_dev) * n_dev)
   steps_per_epoch = max(n // batch, 1)
-  graphdef, clip, smooth, rest = nnx.split(block, WeightClip, SmoothScale, ...)
+  graphdef, *params, rest = nnx.split(block, *groups, ...)
+  params = tuple(params)
   total = cfg.epochs * steps_per_epoch
-  tx_clip, tx_smooth = _optimizer(cfg.lr_clip, total), _optimizer(cfg.lr_smooth, total)
-  opt_state = (tx_clip.init(clip), tx_smooth.init(smooth))
+  txs = tuple(_optimizer(lr, total) for lr in groups.values())
+  opt_state = tuple(tx.init(p) for tx, p in zip(txs, params))
 
-  def loss_fn(clip, smooth, rest, video, text, temb, tv, tt, w):
-    model = nnx.merge(graphdef, clip, smooth, rest)
+  def loss_fn(params, rest, video, text, temb, tv, tt, w):
+    model = nnx.merge(graphdef, *params, rest)
     out_v, out_t = model(video, text, temb, rotary)
     y = jnp.concatenate([out_t, out_v], axis=1)
-    return weighted_token_mse(jnp.concatenate([tt, tv], axis=1), y, w)
+    return loss(jnp.concatenate([tt, tv], axis=1), y, w)
 
-  def local_grads(clip, smooth, rest, *batch_arrays):
-    loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(clip, smooth, rest, *batch_arrays)
-    return jax.lax.pmean(loss, "data"), jax.lax.pmean(grads, "data")
+  def local_grads(params, rest, *batch_arrays):
+    value, grads = jax.value_and_grad(loss_fn)(params, rest, *batch_arrays)
+    return jax.lax.pmean(value, "data"), jax.lax.pmean(grads, "data")
 
   sharded_grads = jax.shard_map(local_grads, mesh=mesh,
-                                in_specs=(P(), P(), P()) + (P("data"),) * 6,
+                                in_specs=(P(), P()) + (P("data"),) * 6,
                                 out_specs=(P(), P()), check_vma=False)
 
   @jax.jit
-  def step(clip, smooth, rest, opt_state, *batch_arrays):
-    loss, (g_clip, g_smooth) = sharded_grads(clip, smooth, rest, *batch_arrays)
-    u_clip, s_clip = tx_clip.update(g_clip, opt_state[0], clip)
-    u_smooth, s_smooth = tx_smooth.update(g_smooth, opt_state[1], smooth)
-    return (optax.apply_updates(clip, u_clip), optax.apply_updates(smooth, u_smooth),
-            (s_clip, s_smooth), loss)
+  def step(params, rest, opt_state, *batch_arrays):
+    value, grads = sharded_grads(params, rest, *batch_arrays)
+    new_params, new_state = [], []
+    for tx, p, g, s in zip(txs, params, grads, opt_state):
+      update, s = tx.update(g, s, p)
+      new_params.append(optax.apply_updates(p, update))
+      new_state.append(s)
+    return tuple(new_params), tuple(new_state), value
 
   arrays = (data.video, data.text, data.temb, data.target_video, data.target_text, data.weights)
   sharding = NamedSharding(mesh, P("data"))
@@ -93,11 +108,11 @@ def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
     for i in range(steps_per_epoch):
       idx = order[i * batch:(i + 1) * batch]
       shard = [jax.device_put(jnp.asarray(a[idx]), sharding) for a in arrays]
-      clip, smooth, opt_state, loss = step(clip, smooth, rest, opt_state, *shard)
-      losses.append(float(loss))
+      params, opt_state, value = step(params, rest, opt_state, *shard)
+      losses.append(float(value))
     history.append(float(np.mean(losses)))
     if not np.isfinite(history[-1]):
-      nnx.update(block, clip, smooth)
+      nnx.update(block, *params)
       raise NonFiniteLoss(f"loss became {history[-1]}")
-  nnx.update(block, clip, smooth)
+  nnx.update(block, *params)
   return history

@@ -141,6 +141,9 @@ class CogVideoXTransformer3D(nnx.Module):
     self.norm_out = AdaLayerNormOut(config.time_embed_dim, d, config, dtype=dtype, rngs=rngs)
     p = config.patch_size
     self.proj_out = Linear(d, p * p * config.output_channels, dtype=dtype, rngs=rngs)
+    # Layers whose quantization depends on the denoising step (ViDiT-Q's per-timestep-range
+    # smoothing) share this Variable; `embed` writes each call's (B,) timesteps into it.
+    self.step_context: nnx.Variable | None = nnx.data(None)
 
   def rotary_embedding(self, frames: int, height: int, width: int):
     """The (cos, sin) diffusers' CogVideoX pipeline passes for latents of this size, or None."""
@@ -156,9 +159,12 @@ class CogVideoXTransformer3D(nnx.Module):
   def embed(self, hidden_states, encoder_hidden_states, timestep):
     """Everything before the blocks: (video tokens, text tokens, conditioning embedding)."""
     cfg = self.config
-    temb = embeddings.timestep_embedding(
-        jnp.broadcast_to(jnp.asarray(timestep), hidden_states.shape[:1]), cfg.inner_dim,
-        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+    timestep = jnp.broadcast_to(jnp.asarray(timestep), hidden_states.shape[:1])
+    if self.step_context is not None:
+      self.step_context.set_value(timestep.astype(jnp.float32))
+    temb = embeddings.timestep_embedding(timestep, cfg.inner_dim,
+                                         flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                         freq_shift=cfg.freq_shift)
     temb = self.time_embedding(temb.astype(self.dtype))
     x = self.patch_embed(encoder_hidden_states.astype(self.dtype), hidden_states.astype(self.dtype))
     text_len = encoder_hidden_states.shape[1]

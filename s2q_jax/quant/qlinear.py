@@ -2,12 +2,12 @@
 
 It computes, for an input x and full-precision kernel W (K, N):
 
-    x̃ = ((x / s) R)                    smoothing s (K,), rotation R (K, K), both optional
+    x̃ = (((x - z) / s) R)              shift z (K,), smoothing s (K,), rotation R (K, K): optional
     Ŵ = Q_w(Rᵀ diag(s) W; clip)         per-output-channel codes × scales
-    y = Q_a(x̃) Ŵ + b                    Q_a: dynamic per-token, a_bits
+    y = Q_a(x̃) Ŵ + (b + z W)            Q_a: dynamic per-token, a_bits
 
-Since x W = ((x / s) R)(Rᵀ diag(s) W), the transforms change only what is
-quantized. Everything a method learns is a Variable of its own type
+Since x W = (((x - z) / s) R)(Rᵀ diag(s) W) + z W, the transforms change only
+what is quantized; z W folds into the stored bias. Everything a method learns is a Variable of its own type
 (`WeightClip`, `SmoothScale`, `Rotation`), so optimisers select parameter
 groups by type and the model's code never changes. `freeze()` stores the
 integer codes and scales that deployment will use, after which evaluation
@@ -59,6 +59,10 @@ class Rotation(QuantParam):
   """Orthogonal (K, K) matrix applied to activations, its transpose folded into the weights."""
 
 
+class ChannelShift(QuantParam):
+  """Per-input-channel offset z subtracted from activations; z W folds into the bias."""
+
+
 class Codes(nnx.Variable):
   """Frozen integer weight codes (K, N) int8 and their (N,) scales: what deployment stores."""
 
@@ -78,6 +82,7 @@ class QuantLinear(nnx.Module):
     self.bias = linear.bias
     self.clip = WeightClip(jnp.ones((self.out_features,), jnp.float32))
     # Optional state, declared as data so methods can set it later.
+    self.shift: ChannelShift | None = nnx.data(None)
     self.smooth: SmoothScale | None = nnx.data(None)
     self.rotation: Rotation | None = nnx.data(None)
     self.codes: Codes | None = nnx.data(None)
@@ -91,6 +96,8 @@ class QuantLinear(nnx.Module):
     return quantizer.round_to_storage(self.smooth[...].astype(jnp.float32))
 
   def transform_input(self, x: jax.Array) -> jax.Array:
+    if self.shift is not None:
+      x = x - self.shift[...].astype(x.dtype)
     if self.smooth is not None:
       x = x / self.smooth_vector().astype(x.dtype)
     if self.rotation is not None:
@@ -105,6 +112,15 @@ class QuantLinear(nnx.Module):
     if self.rotation is not None:
       w = self.rotation[...].astype(jnp.float32).T @ w
     return w
+
+  def effective_bias(self) -> jax.Array | None:
+    """b + z W (float32): what the deployed layer adds; with a shift, rounded as it is stored."""
+    if self.shift is None:
+      return None if self.bias is None else self.bias[...].astype(jnp.float32)
+    b = self.shift[...].astype(jnp.float32) @ self.kernel[...].astype(jnp.float32)
+    if self.bias is not None:
+      b = b + self.bias[...].astype(jnp.float32)
+    return b.astype(jnp.bfloat16).astype(jnp.float32)
 
   def clip_factor(self) -> jax.Array:
     """(N,) clipping factors in [MIN_CLIP, 1] that the weight scales use."""
@@ -135,15 +151,14 @@ class QuantLinear(nnx.Module):
     if self.a_bits is not None:
       xt = quantizer.fake_quant_activations(xt, self.a_bits)
     y = jnp.matmul(xt, self.dequantized_kernel(), preferred_element_type=jnp.float32)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(dtype)
+    bias = self.effective_bias()
+    return (y if bias is None else y + bias).astype(dtype)
 
   def _deployed_arithmetic(self, xt: jax.Array) -> jax.Array:
     """Frozen layers compute exactly what the deployed kernels compute: int8 codes, int32 sums."""
     x2 = xt.reshape(-1, xt.shape[-1])
     x_codes, x_scales = reference.quantize_activations(x2, self.a_bits)
-    bias = None if self.bias is None else self.bias[...]
+    bias = self.effective_bias()
     y = reference.int_matmul(x_codes, x_scales, self.codes[...].T, self.scales[...], bias,
                              jnp.float32)
     return y.reshape(*xt.shape[:-1], self.out_features)
@@ -176,11 +191,14 @@ class QuantLinear(nnx.Module):
                        f"{self.w_bits}-bit weights (got [{c.min()}, {c.max()}])")
 
   def export(self) -> dict[str, jax.Array]:
-    """The arrays a deployed layer needs: codes (K, N) int8, scales (N,), bias, transforms."""
+    """The arrays a deployed layer needs: codes (K, N) int8, scales (N,), bias (z W folded in),
+    transforms."""
     codes, scales = self.weight_codes()
     out = {"codes": codes.astype(jnp.int8), "scales": scales.astype(jnp.float32)}
-    if self.bias is not None:
-      out["bias"] = self.bias[...]
+    if self.effective_bias() is not None:
+      out["bias"] = self.effective_bias()
+    if self.shift is not None:
+      out["shift"] = self.shift[...]
     if self.smooth is not None:
       out["smooth"] = self.smooth_vector()
     if self.rotation is not None:
