@@ -3,8 +3,10 @@
 A quantized checkpoint is a folder with diffusers' `config.json` (plus an
 ``_s2q_jax`` entry) and one safetensors file holding, per quantized layer,
 bit-packed integer codes in (N, K) order, float16 per-channel scales, bf16
-bias, any smoothing vector (float16) and rotation (float32); every other
-parameter is stored in bf16. Calibration already uses these float16 values and
+bias, any channel shift and smoothing vector (float16), rotation and Q-VDiT
+estimator branch (float32); every other parameter is stored in bf16. Layers
+quantized per timestep range (ViDiT-Q) are stored as one layer per range,
+`<path>.ranges.<i>`, with the range boundaries in config.json. Calibration already uses these float16 values and
 `round_fp_params` rounds the rest, so the checkpoint reproduces the evaluated
 model exactly. `load_pretrained` recognises the folder and returns a model
 whose quantized layers are `DeployedLinear`s running `w4a6_matmul`.
@@ -25,7 +27,9 @@ from pallas_kernels import QuantizedWeight, packing, w4a6_matmul
 from pallas_kernels.weights import dequantize_weight
 from s2q_jax.models.params import flat_params, load_flat_params
 from s2q_jax.quant.apply import quantized_layers, replace_module
-from s2q_jax.quant import quantizer
+from s2q_jax.quant import quantizer, token_estimator
+from s2q_jax.quant.timestep_ranges import TimestepRangeLinear, ensure_step_context
+from s2q_jax.quant.token_estimator import TokenAwareLinear
 from s2q_jax.quant.qlinear import QuantParam
 
 WEIGHTS_NAME = "quantized_model.safetensors"
@@ -34,7 +38,9 @@ FP_DTYPE = jnp.bfloat16  # storage of the full-precision parameters and biases
 # A quantized layer's float arrays; the quantizer rounds scales and smoothing to
 # float16 during calibration already, and a rotation's orthogonality needs float32.
 _LAYER_DTYPES = {"scales": quantizer.STORAGE_DTYPE, "smooth": quantizer.STORAGE_DTYPE,
-                 "bias": FP_DTYPE, "rotation": jnp.float32}
+                 "bias": FP_DTYPE, "rotation": jnp.float32, "shift": quantizer.STORAGE_DTYPE,
+                 "lowrank_a": jnp.float32, "lowrank_b": jnp.float32, "frame_scale": jnp.float32}
+_LAYER_ARRAYS = tuple(name for name in _LAYER_DTYPES if name != "scales")
 
 
 class Deployed(nnx.Variable):
@@ -44,15 +50,17 @@ class Deployed(nnx.Variable):
 class DeployedLinear(nnx.Module):
   """A quantized linear layer as deployed: packed codes, kernels, folded transforms."""
 
-  def __init__(self, weight: QuantizedWeight, *, bias=None, smooth=None, rotation=None,
+  def __init__(self, weight: QuantizedWeight, *, bias=None, shift=None, smooth=None,
+               rotation=None, lowrank_a=None, lowrank_b=None, frame_scale=None, n_text: int = 0,
                a_bits: int | None, backend: str = "auto", dtype=jnp.float32):
     self.data, self.scales = Deployed(weight.data), Deployed(weight.scales)
     self.bits, self.in_features = weight.bits, weight.in_features
-    self.bias = nnx.data(None if bias is None else Deployed(jnp.asarray(bias, jnp.float32)))
-    self.smooth = nnx.data(None if smooth is None else Deployed(jnp.asarray(smooth, jnp.float32)))
-    self.rotation = nnx.data(None if rotation is None else Deployed(jnp.asarray(rotation,
-                                                                                jnp.float32)))
-    self.a_bits, self.backend, self.dtype = a_bits, backend, dtype
+    arrays = dict(bias=bias, shift=shift, smooth=smooth, rotation=rotation, lowrank_a=lowrank_a,
+                  lowrank_b=lowrank_b, frame_scale=frame_scale)
+    for name, value in arrays.items():  # optional: None where a method did not add it
+      setattr(self, name, nnx.data(None if value is None else
+                                   Deployed(jnp.asarray(value, jnp.float32))))
+    self.a_bits, self.n_text, self.backend, self.dtype = a_bits, n_text, backend, dtype
 
   @property
   def weight(self) -> QuantizedWeight:
@@ -60,6 +68,8 @@ class DeployedLinear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
+    if self.shift is not None:
+      x = x - self.shift[...]
     if self.smooth is not None:
       x = x / self.smooth[...]
     if self.rotation is not None:
@@ -69,6 +79,10 @@ class DeployedLinear(nnx.Module):
       y = x @ dequantize_weight(self.weight) + (0.0 if bias is None else bias)
     else:
       y = w4a6_matmul(x, self.weight, bias, act_bits=self.a_bits, backend=self.backend)
+    if self.lowrank_a is not None:  # Q-VDiT's estimator branch, on the quantized input
+      xq = x if self.a_bits is None else quantizer.fake_quant_activations(x, self.a_bits)
+      y = y + token_estimator.branch(xq, self.lowrank_a[...], self.lowrank_b[...],
+                                     self.frame_scale[...], self.n_text)
     return y.astype(self.dtype)
 
 
@@ -96,6 +110,8 @@ def checkpoint_tensors(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[s
                     for k, v in arrays.items()})
     layers[path] = {"w_bits": layer.w_bits, "a_bits": layer.a_bits,
                     "in_features": layer.in_features}
+    if isinstance(layer, TokenAwareLinear):
+      layers[path]["n_text"] = layer.n_text
   for path, value in flat_params(model).items():
     if path.rpartition(".")[0] not in layers:
       tensors[path] = np.asarray(value.astype(FP_DTYPE))
@@ -115,9 +131,24 @@ def export_quantized(model: nnx.Module, folder: str) -> None:
   os.makedirs(folder, exist_ok=True)
   tensors, layers = checkpoint_tensors(model)
   save_file(tensors, os.path.join(folder, WEIGHTS_NAME))
-  config = {**model.config.to_dict(), "_s2q_jax": {"format": FORMAT, "layers": layers}}
+  ranges = {p: m.boundaries for p, m in _modules_of(model, TimestepRangeLinear)}
+  config = {**model.config.to_dict(),
+            "_s2q_jax": {"format": FORMAT, "layers": layers, "timestep_ranges": ranges}}
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
+
+
+def _modules_of(model: nnx.Module, cls: type):
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, cls):
+      yield ".".join(map(str, path)), node
+
+
+def _module_at(model: nnx.Module, dotted: str) -> nnx.Module:
+  node = model
+  for key in dotted.split("."):
+    node = node[int(key)] if key.isdigit() else getattr(node, key)
+  return node
 
 
 def weights_file_bytes(folder: str) -> int:
@@ -130,16 +161,22 @@ def load_quantized(folder: str, config, meta: dict, *, backend: str = "auto",
   """Builds the model of a quantized checkpoint (see `load_pretrained`)."""
   from s2q_jax.models.loading import abstract_model  # pylint: disable=import-outside-toplevel
   model = abstract_model(config, dtype)
+  for path, boundaries in meta.get("timestep_ranges", {}).items():
+    # Placeholders for each range's layer, replaced by their DeployedLinear below.
+    placeholder = _module_at(model, path)
+    replace_module(model, path, TimestepRangeLinear([placeholder] * (len(boundaries) + 1),
+                                                    boundaries, ensure_step_context(model)))
   with safe_open(os.path.join(folder, WEIGHTS_NAME), framework="numpy") as f:
     for path, info in meta["layers"].items():
       k, bits = info["in_features"], info["w_bits"]
       codes = packing.unpack(f.get_tensor(f"{path}.codes"), bits, k)  # (N, K)
       weight = QuantizedWeight.from_codes(
           codes.T, f.get_tensor(f"{path}.scales").astype(np.float32), bits)
-      extras = {name: f.get_tensor(f"{path}.{name}") for name in ("bias", "smooth", "rotation")
-                if f"{path}.{name}" in f.keys()}
+      extras = {name: f.get_tensor(f"{path}.{name}").astype(np.float32)
+                for name in _LAYER_ARRAYS if f"{path}.{name}" in f.keys()}
       replace_module(model, path, DeployedLinear(weight, a_bits=info["a_bits"], backend=backend,
-                                                 dtype=dtype, **extras))
+                                                 n_text=info.get("n_text", 0), dtype=dtype,
+                                                 **extras))
     rest = {key: f.get_tensor(key) for key in f.keys() if key.rpartition(".")[0] not in
             meta["layers"]}
   load_flat_params(model, rest)

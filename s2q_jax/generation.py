@@ -22,7 +22,7 @@ def sampler(model: nnx.Module, uncond: np.ndarray, *, num_steps: int, guidance_s
   def run(state, noise, cond):
     # Merged at every step, inside the sampler's scan: a model that writes into its own
     # state while running (its `step_context`) may only do so in the trace it was made in.
-    denoiser = lambda *args: nnx.merge(graphdef, state)(*args)  # noqa: E731
+    denoiser = lambda *args: nnx.merge(graphdef, state, copy=True)(*args)  # noqa: E731
     null = jnp.broadcast_to(uncond, cond.shape)
     return sample(denoiser, noise, cond, null, schedule, guidance_scale=guidance_scale,
                   return_trajectory=return_trajectory)

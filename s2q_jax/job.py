@@ -22,11 +22,9 @@ from s2q_jax.errors import UserError
 from s2q_jax.evaluation import metrics, report as report_lib
 from s2q_jax.calibration import pool as pool_lib
 from s2q_jax.generation import generate
-from s2q_jax.methods import s2q
+from s2q_jax.methods import CALIBRATORS, METHODS
 from pallas_kernels import BACKENDS
 from s2q_jax.models import UnsupportedConfigError, load_pretrained
-
-METHODS = ("rtn", "s2q")
 
 
 def validate(cfg: ConfigDict) -> None:
@@ -43,7 +41,7 @@ def validate(cfg: ConfigDict) -> None:
       raise UserError(f"eval.{name} must be at least 1")
   if cfg.sampler.num_steps < 1:
     raise UserError("sampler.num_steps must be at least 1")
-  if cfg.method == "s2q" and cfg.calib.num_samples % jax.device_count():
+  if CALIBRATORS[cfg.method] and cfg.calib.num_samples % jax.device_count():
     raise UserError(f"calib.num_samples={cfg.calib.num_samples} must be a multiple of the "
                     f"{jax.device_count()} devices it is sharded over")
   if cfg.inference.backend not in ("",) + BACKENDS:
@@ -128,19 +126,23 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
   with stage("fp_generation", f"generating {len(noise)} full-precision videos"):
     fp_videos = generate(model, noise, cond, uncond, label="full precision", **gen)
   fp_bytes = _bf16_file_bytes(model, workdir)
-  fp_model = nnx.clone(model) if cfg.method == "s2q" else None
+  calibrator = CALIBRATORS[cfg.method]
+  fp_model = nnx.clone(model) if calibrator else None
   with stage("quantization", f"quantizing ({cfg.method}, W{cfg.quant.w_bits}A{cfg.quant.a_bits})"):
     layers = quant.quantize_model(model, rules)
     # Evaluate exactly what is deployed: the checkpoint stores unquantized layers in bf16.
     deploy.round_fp_params(model)
   calibration = None
-  if cfg.method == "s2q":
+  if calibrator:
     with stage("pool", f"building the calibration pool ({cfg.calib.num_prompts} prompts × "
                f"{cfg.sampler.num_steps} steps)"):
       pool = _calibration_pool(cfg, fp_model, folder, workdir)
-    with stage("calibration", f"calibrating {len(model.transformer_blocks)} blocks (S²Q-VDiT)"):
+    with stage("calibration", f"calibrating ({cfg.method})"):
       mesh = jax.make_mesh((jax.device_count(),), ("data",))
-      calibration = s2q.calibrate(model, fp_model, pool, cfg, workdir, mesh)
+      try:
+        calibration = calibrator(model, fp_model, pool, cfg, workdir, mesh)
+      except ValueError as e:
+        raise UserError(f"{cfg.method}: {e}") from None
     del fp_model
   quant.freeze_all(model)
   with stage("export", "exporting the quantized checkpoint"):

@@ -12,7 +12,7 @@ WEIGHT_ONLY_8BIT = ((r"^time_embedding\.", "w8afp"), (r"^norm_out\.linear$", "w8
 
 def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = method  # rtn | s2q
+  c.method = method  # rtn | vidit_q | q_vdit | qvd | s2q (s2q_jax.methods)
   c.workdir = f"workdir/w{w_bits}a{a_bits}_{method}"
   c.seed = 0
   c.compilation_cache = "~/.cache/s2q_jax/xla"  # '' to disable JAX's persistent compile cache
@@ -52,6 +52,20 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.distill.smooth_alpha = 0.5
   c.distill.rotation = False  # fixed Hadamard rotation of every quantized layer's input
   c.distill.gptq = True
+
+  # Baselines (DESIGN §5); they share calib.num_prompts / num_samples and the pool.
+  c.vidit_q = ml_collections.ConfigDict()
+  c.vidit_q.alpha = 0.5  # balancing exponent: s = max|X|^α / max|W|^(1-α)
+  c.vidit_q.timestep_ranges = 2  # separate balancing (and codes) per range of steps
+  c.vidit_q.rotation = False  # Hadamard rotation after balancing
+
+  c.q_vdit = ml_collections.ConfigDict()
+  c.q_vdit.gamma = 100.0  # weight of the temporal (frame-similarity) KL term
+  c.q_vdit.lr_estimator = 1e-3  # α, β and the per-frame M of the rank-1 branch
+  c.q_vdit.epochs = 15
+
+  c.qvd = ml_collections.ConfigDict()
+  c.qvd.scri_beta = 0.5  # how far channel widths are pulled to the median (0: not at all)
 
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_steps = 25

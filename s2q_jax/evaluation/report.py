@@ -56,10 +56,19 @@ def to_markdown(r: dict[str, Any]) -> str:
 
 def _calibration_markdown(c: dict[str, Any]) -> list[str]:
   lines = ["## Calibration", "",
-           f"{len(c['selected'])} of {c['num_candidates']} candidates selected, "
-           f"sharded over {c['devices']} device(s).", "",
-           "| block | time (s) | peak RSS (GiB) | loss, first → last epoch | output MSE |",
-           "|---|---|---|---|---|"]
+           f"{len(c['selected'])} of {c['num_candidates']} candidates selected"
+           + (f", sharded over {c['devices']} device(s)." if "devices" in c else "."), ""]
+  if "timestep_boundaries" in c:
+    lines += [f"Timestep ranges split at {c['timestep_boundaries']}; balanced "
+              f"{c['balanced_layers']} layers.", ""]
+  if "htdq" in c:
+    choices = [v["shift"] for v in c["htdq"].values()]
+    lines += ["HTDQ shifts of the temporal layers: "
+              + ", ".join(f"{k} ×{choices.count(k)}" for k in sorted(set(choices))) + ".", ""]
+  if "blocks" not in c:
+    return lines
+  lines += ["| block | time (s) | peak RSS (GiB) | loss, first → last epoch | output MSE |",
+            "|---|---|---|---|---|"]
   for b in c["blocks"]:
     loss = ("—" if b["loss_first_epoch"] is None
             else f"{b['loss_first_epoch']:.3g} → {b['loss_last_epoch']:.3g}")

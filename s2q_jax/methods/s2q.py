@@ -24,8 +24,8 @@ from s2q_jax.calibration.capture import recording
 from s2q_jax.calibration.gptq import accumulate_hessian, gptq_quantize
 from s2q_jax.calibration.pool import Pool
 from s2q_jax.distillation import attention_token_importance, token_weights
-from s2q_jax.distillation.block_reconstruction import (BlockData, NonFiniteLoss, TrainConfig,
-                                                       train_block)
+from s2q_jax.distillation.block_reconstruction import (BlockData, LossFn, NonFiniteLoss,
+                                                       TrainConfig, train_block)
 from s2q_jax.errors import UserError
 from s2q_jax.calibration.rotation import hadamard_matrix
 from s2q_jax.quant import QuantLinear, Rotation, SmoothScale
@@ -119,9 +119,24 @@ def _check_finite(block_index: int, layers) -> None:
                         f"non-finite {name}; lower distill.lr_clip / distill.lr_smooth")
 
 
+def _prepare_s2q_block(block: nnx.Module, cfg) -> None:
+  for _, layer in quantized_layers(block):
+    _add_transforms(layer, cfg)
+
+
 def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdir: str,
-              mesh: jax.sharding.Mesh, log=print) -> dict[str, Any]:
-  """Calibrates q_model in place; returns per-block statistics for the report."""
+              mesh: jax.sharding.Mesh, log=print, *,
+              prepare_block: Callable[[nnx.Module, Any], None] = _prepare_s2q_block,
+              groups: Callable[[Any], dict] | None = None,
+              loss: Callable[[Any, int, int], LossFn] | None = None) -> dict[str, Any]:
+  """Calibrates q_model in place; returns per-block statistics for the report.
+
+  The keyword hooks let another block-wise method reuse this loop (selection,
+  resume, reconstruction, freezing): `prepare_block(block, cfg)` adds the
+  method's state to a block's layers (and must be idempotent: resuming calls it
+  for finished blocks too), `groups(cfg)` maps Variable types to learning rates,
+  `loss(cfg, n_text, frames)` builds the reconstruction loss.
+  """
   if cfg.calib.selection == "salient":
     log(f"  scoring {len(pool)} candidates ({cfg.calib.salience} salience)")
     scores = score_pool(fp_model, pool, cfg.calib.salience)
@@ -147,8 +162,8 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
   done = ckpt.latest_step() or 0
   if done:
     for _, q_block in blocks[:done]:
+      prepare_block(q_block, cfg)
       for _, layer in quantized_layers(q_block):
-        _add_transforms(layer, cfg)
         layer.freeze()  # placeholders with the right structure, overwritten by the restore
     state = nnx.state(q_model, nnx.Any(QuantParam, Codes))
     restored = ckpt.restore(done, args=ocp.args.StandardRestore(nnx.to_pure_dict(state)))
@@ -163,6 +178,7 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
       video_q, text_q = _batched(lambda v, t, e: _apply_block(q_block, v, t, e, rotary), (video_q, text_q, temb))
       continue
     start = time.perf_counter()
+    prepare_block(q_block, cfg)
     layers = quantized_layers(q_block)
     target_v, target_t = _batched(lambda v, t, e: _apply_block(fp_block, v, t, e, rotary), (video, text, temb))
     n_tokens = text.shape[1] + video.shape[1]
@@ -172,8 +188,6 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
     else:
       weights = np.ones((len(video), n_tokens), np.float32)
     paths = {p for p, _ in layers}
-    for _, layer in layers:
-      _add_transforms(layer, cfg)
     if cfg.distill.smoothing:
       with recording(q_block, paths) as collect:
         _batched(lambda v, t, e: _apply_block(q_block, v, t, e, rotary), (video_q, text_q, temb))
@@ -181,8 +195,10 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
     history = []
     if cfg.distill.enabled:
       try:
-        history = train_block(q_block, BlockData(video_q, text_q, temb, target_v, target_t, weights),
-                              rotary, train_cfg, mesh)
+        history = train_block(
+            q_block, BlockData(video_q, text_q, temb, target_v, target_t, weights), rotary,
+            train_cfg, mesh, groups=groups(cfg) if groups else None,
+            **({"loss": loss(cfg, text.shape[1], f)} if loss else {}))
       except NonFiniteLoss as e:
         _check_finite(b, layers)
         raise UserError(f"calibration diverged in block {b} ({e}); every layer's parameters "

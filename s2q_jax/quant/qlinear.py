@@ -89,6 +89,12 @@ class QuantLinear(nnx.Module):
     self.scales: Codes | None = nnx.data(None)
 
   # -- what gets quantized -------------------------------------------------
+  def shift_vector(self) -> jax.Array | None:
+    """(K,) channel shift as deployed (float16 values), or None."""
+    if self.shift is None:
+      return None
+    return quantizer.round_to_storage(self.shift[...].astype(jnp.float32))
+
   def smooth_vector(self) -> jax.Array | None:
     """(K,) smoothing scales as deployed (bf16 values), or None."""
     if self.smooth is None:
@@ -97,7 +103,7 @@ class QuantLinear(nnx.Module):
 
   def transform_input(self, x: jax.Array) -> jax.Array:
     if self.shift is not None:
-      x = x - self.shift[...].astype(x.dtype)
+      x = x - self.shift_vector().astype(x.dtype)
     if self.smooth is not None:
       x = x / self.smooth_vector().astype(x.dtype)
     if self.rotation is not None:
@@ -117,7 +123,7 @@ class QuantLinear(nnx.Module):
     """b + z W (float32): what the deployed layer adds; with a shift, rounded as it is stored."""
     if self.shift is None:
       return None if self.bias is None else self.bias[...].astype(jnp.float32)
-    b = self.shift[...].astype(jnp.float32) @ self.kernel[...].astype(jnp.float32)
+    b = self.shift_vector() @ self.kernel[...].astype(jnp.float32)
     if self.bias is not None:
       b = b + self.bias[...].astype(jnp.float32)
     return b.astype(jnp.bfloat16).astype(jnp.float32)
@@ -198,7 +204,7 @@ class QuantLinear(nnx.Module):
     if self.effective_bias() is not None:
       out["bias"] = self.effective_bias()
     if self.shift is not None:
-      out["shift"] = self.shift[...]
+      out["shift"] = self.shift_vector()
     if self.smooth is not None:
       out["smooth"] = self.smooth_vector()
     if self.rotation is not None:
