@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -124,7 +125,7 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
       raise UserError(f"quant config: {e}") from None
   gen = dict(num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale)
   with stage("fp_generation", f"generating {len(noise)} full-precision videos"):
-    fp_videos = generate(model, noise, cond, uncond, label="full precision", **gen)
+    fp_videos = _fp_videos(cfg, model, model_name, noise, cond, uncond, gen)
   fp_bytes = _bf16_file_bytes(model, workdir)
   calibrator = CALIBRATORS[cfg.method]
   fp_model = nnx.clone(model) if calibrator else None
@@ -183,6 +184,25 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
   print(f"\nreport: {json_path}\n        {md_path}\nvideos: {os.path.dirname(videos[0])}/ "
         "(left: full precision, right: quantized)")
   return report
+
+
+def _fp_videos(cfg: ConfigDict, model, model_name: str, noise, cond, uncond, gen: dict):
+  """The full-precision videos, from `eval.fp_videos_path` when it holds these very ones."""
+  path = os.path.expanduser(cfg.eval.fp_videos_path)
+  key = json.dumps({"model": cfg.model.path or model_name, "dtype": cfg.model.dtype,
+                    "seed": cfg.seed, "shape": list(noise.shape), **gen}, sort_keys=True)
+  if path and os.path.exists(path):
+    with np.load(path) as f:
+      if str(f["key"]) == key:
+        print(f"  reusing {path}")
+        return f["videos"]
+    print(f"  {path} holds other videos; generating")
+  videos = generate(model, noise, cond, uncond, label="full precision", **gen)
+  if path:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, videos=videos, key=np.asarray(key))
+    os.replace(tmp, path)
+  return videos
 
 
 def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str) -> pool_lib.Pool:

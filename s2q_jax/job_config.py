@@ -84,4 +84,5 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.eval.height = 32
   c.eval.width = 32
   c.eval.gif_scale = 4
+  c.eval.fp_videos_path = ""  # cache of the FP videos, shared by runs that compare methods
   return c

@@ -1,0 +1,136 @@
+"""Compares quantization methods on one model: same conditions, noise, FP videos and pool.
+
+  python -m s2q_jax.compare --methods rtn,vidit_q,q_vdit,qvd,s2q --bits w4a6,w3a6 --workdir DIR
+
+Each (bits, method) runs the main job in DIR/<bits>_<method>/ with the default
+config for those bits, so every method sees the same evaluation noise and
+conditions; the full-precision videos are generated once (DIR/fp_videos.npz)
+and the calibration candidate pool is built once (DIR/pool.npz). Writes
+DIR/comparison.json, DIR/comparison.md and DIR/comparison.png (quality
+against bits per method). Interrupted? Run the same command again: finished
+runs (a report.json) are kept and S²Q resumes at its next block.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+from s2q_jax import job
+from s2q_jax.errors import UserError
+from s2q_jax.job_config import base_config
+from s2q_jax.methods import METHODS
+from s2q_jax.quant import parse_bits
+
+
+def run_grid(workdir: str, bits_list: Sequence[str], variants: dict[str, tuple[str, dict]],
+             configure: Callable | None = None) -> list[dict]:
+  """Runs (or reuses) the job for every bits × variant; returns their reports in that order.
+
+  `variants` maps a row name to (method, {dotted config key: value}).
+  """
+  reports = []
+  for bits in bits_list:
+    w_bits, a_bits = parse_bits(bits)
+    for name, (method, overrides) in variants.items():
+      folder = os.path.join(workdir, f"{bits}_{name}")
+      report_path = os.path.join(folder, "report.json")
+      if os.path.exists(report_path):
+        print(f"=== {bits} {name}: done before, reusing {report_path}", flush=True)
+      else:
+        print(f"\n=== {bits} {name} ===", flush=True)
+        cfg = base_config(w_bits, a_bits, method)
+        cfg.workdir = folder
+        cfg.calib.pool_path = os.path.join(workdir, "pool.npz")
+        cfg.eval.fp_videos_path = os.path.join(workdir, "fp_videos.npz")
+        for key, value in overrides.items():
+          *parents, leaf = key.split(".")
+          node = cfg
+          for p in parents:
+            node = node[p]
+          node[leaf] = value
+        if configure:
+          configure(cfg)
+        job.run(cfg)
+      with open(report_path) as f:
+        reports.append({"name": name, "bits": bits, **json.load(f)})
+  return reports
+
+
+def markdown_table(reports: list[dict]) -> str:
+  lines = ["| bits | method | PSNR (dB) | SSIM | temporal consistency | compression | time (s) |",
+           "|---|---|---|---|---|---|---|"]
+  for r in reports:
+    m = r["metrics"]
+    lines.append(f"| {r['bits'].upper()} | {r['name']} | {m['psnr']:.2f} | {m['ssim']:.4f} | "
+                 f"{m['temporal_consistency']:.4f} | {r['size']['compression']:.2f}× | "
+                 f"{sum(r['timing'].values()):.0f} |")
+  return "\n".join(lines)
+
+
+def plot(reports: list[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  bits = list(dict.fromkeys(r["bits"] for r in reports))
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for metric, label, ax in (("psnr", "PSNR vs full precision (dB)", axes[0]),
+                            ("ssim", "SSIM vs full precision", axes[1])):
+    for name in dict.fromkeys(r["name"] for r in reports):
+      rows = {r["bits"]: r["metrics"][metric] for r in reports if r["name"] == name}
+      ax.plot([b.upper() for b in bits], [rows.get(b, float("nan")) for b in bits], "o-",
+              label=name)
+    ax.set_xlabel("bits")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--bits", default="w4a6,w3a6")
+  parser.add_argument("--workdir", default="workdir/compare")
+  args = parser.parse_args(argv)
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  bits_list = [b.strip().lower() for b in args.bits.split(",") if b.strip()]
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    parser.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+  for b in bits_list:
+    try:
+      parse_bits(b)
+    except ValueError as e:
+      parser.error(str(e))
+  os.makedirs(args.workdir, exist_ok=True)
+  try:
+    reports = run_grid(args.workdir, bits_list, {m: (m, {}) for m in methods})
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  table, paths = write_outputs(args.workdir, reports)
+  print("\n" + table + "\n\n" + "\n".join(f"wrote {p}" for p in paths))
+  return 0
+
+
+def write_outputs(workdir: str, reports: list[dict]) -> tuple[str, list[str]]:
+  """comparison.json / .md / .png in `workdir`; returns (the markdown table, the paths)."""
+  results = [{"method": r["method"], "bits": r["bits"], "metrics": r["metrics"],
+              "size": r["size"], "timing": r["timing"]} for r in reports]
+  paths = {ext: os.path.join(workdir, f"comparison.{ext}") for ext in ("json", "md", "png")}
+  with open(paths["json"], "w") as f:
+    json.dump({"results": results}, f, indent=2)
+  table = markdown_table(reports)
+  with open(paths["md"], "w") as f:
+    f.write(table + "\n")
+  plot(reports, paths["png"])
+  return table, list(paths.values())
+
+
+if __name__ == "__main__":
+  sys.exit(main())
