@@ -193,10 +193,12 @@ def test_shift_and_scale_fold_exactly_into_weights_and_bias():
 
 def test_scri_centres_and_integrates_channel_ranges():
   lo, hi = np.array([0.0, -1.0, 2.0, -8.0]), np.array([4.0, 1.0, 3.0, 8.0])
-  shift, scale = qvd.scri_transform(lo, hi, beta=1.0)
-  np.testing.assert_allclose(shift, [2.0, 0.0, 2.5, 0.0])
-  half = (hi - lo) / 2
-  np.testing.assert_allclose((hi - shift) / scale, np.full(4, np.median(half)), rtol=1e-6)
+  mean = np.array([1.0, 0.0, 2.5, 2.0])
+  shift, scale = qvd.scri_transform(lo, hi, mean, beta=1.0)
+  np.testing.assert_allclose(shift, mean)
+  half = np.array([3.0, 1.0, 0.5, 10.0])  # the farther of min and max from the mean
+  # β = 1: every channel's half-width becomes the median one.
+  np.testing.assert_allclose(half / scale, np.full(4, np.median(half)), rtol=1e-6)
 
 
 def test_htdq_keeps_skewed_timestep_features_apart():
