@@ -51,3 +51,16 @@ def recording(model: nnx.Module, paths: set[str] | None = None
   finally:
     for p, m in targets:
       replace_module(model, p, m)
+
+
+def recorded_batches(model: nnx.Module, paths: set[str], pool, batch: int = 8):
+  """Runs `model` on `pool` (a `calibration.pool.Pool`) in batches; yields (slice, inputs).
+
+  `inputs` is {layer path: [inputs recorded during that batch]}, so callers can reduce
+  each batch to statistics instead of keeping every activation.
+  """
+  with recording(model, paths) as collect:
+    for i in range(0, len(pool), batch):
+      sl = slice(i, i + batch)
+      model(pool.latents[sl], pool.conditions[sl], pool.timesteps[sl])
+      yield sl, collect()

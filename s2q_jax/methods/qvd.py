@@ -32,32 +32,27 @@ import numpy as np
 from flax import nnx
 
 from s2q_jax.calibration import select_indices
-from s2q_jax.calibration.capture import recording
+from s2q_jax.calibration.capture import recorded_batches
 from s2q_jax.calibration.pool import Pool
 from s2q_jax.quant import quantizer
 from s2q_jax.quant.apply import quantized_layers
 from s2q_jax.quant.qlinear import ChannelShift, SmoothScale
 
-_BATCH = 8
-
 
 def _collect(fp_model: nnx.Module, paths: set[str], data: Pool):
   """Per layer: channel min, max, mean, and (for 2-D inputs) the inputs with their timesteps."""
   lo, hi, total, count, vectors = {}, {}, {}, {}, {}
-  with recording(fp_model, paths) as collect:
-    for i in range(0, len(data), _BATCH):
-      sl = slice(i, i + _BATCH)
-      fp_model(data.latents[sl], data.conditions[sl], data.timesteps[sl])
-      for path, xs in collect().items():
-        for x in xs:
-          x = np.asarray(x, np.float32)
-          flat = x.reshape(-1, x.shape[-1])
-          lo[path] = np.minimum(lo.get(path, np.inf), flat.min(0))
-          hi[path] = np.maximum(hi.get(path, -np.inf), flat.max(0))
-          total[path] = total.get(path, 0.0) + flat.astype(np.float64).sum(0)
-          count[path] = count.get(path, 0) + len(flat)
-          if x.ndim == 2:  # one vector per sample: temporal features
-            vectors.setdefault(path, []).append((x, data.timesteps[sl]))
+  for sl, inputs in recorded_batches(fp_model, paths, data):
+    for path, xs in inputs.items():
+      for x in xs:
+        x = np.asarray(x, np.float32)
+        flat = x.reshape(-1, x.shape[-1])
+        lo[path] = np.minimum(lo.get(path, np.inf), flat.min(0))
+        hi[path] = np.maximum(hi.get(path, -np.inf), flat.max(0))
+        total[path] = total.get(path, 0.0) + flat.astype(np.float64).sum(0)
+        count[path] = count.get(path, 0) + len(flat)
+        if x.ndim == 2:  # one vector per sample: temporal features
+          vectors.setdefault(path, []).append((x, data.timesteps[sl]))
   mean = {p: (total[p] / count[p]).astype(np.float32) for p in total}
   return lo, hi, mean, vectors
 

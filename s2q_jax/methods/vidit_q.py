@@ -22,14 +22,12 @@ import numpy as np
 from flax import nnx
 
 from s2q_jax.calibration import select_indices
-from s2q_jax.calibration.capture import recording
+from s2q_jax.calibration.capture import recorded_batches
 from s2q_jax.calibration.pool import Pool
 from s2q_jax.calibration.rotation import hadamard_matrix
 from s2q_jax.quant.apply import quantized_layers, replace_module
 from s2q_jax.quant.qlinear import QuantLinear, Rotation, SmoothScale
 from s2q_jax.quant.timestep_ranges import TimestepRangeLinear, ensure_step_context, range_index
-
-_BATCH = 8
 
 
 def timestep_boundaries(timesteps: np.ndarray, num_ranges: int) -> list[float]:
@@ -47,15 +45,12 @@ def channel_absmax_per_range(fp_model: nnx.Module, paths: set[str], data: Pool,
   """{layer path: (R, K) max |x| of each input channel over each range's samples}."""
   ranges = np.asarray(range_index(jnp.asarray(data.timesteps, jnp.float32), boundaries))
   out: dict[str, np.ndarray] = {}
-  with recording(fp_model, paths) as collect:
-    for i in range(0, len(data), _BATCH):
-      sl = slice(i, i + _BATCH)
-      fp_model(data.latents[sl], data.conditions[sl], data.timesteps[sl])
-      for path, xs in collect().items():
-        for x in xs:
-          per_sample = np.abs(np.asarray(x)).reshape(x.shape[0], -1, x.shape[-1]).max(axis=1)
-          acc = out.setdefault(path, np.zeros((len(boundaries) + 1, x.shape[-1]), np.float32))
-          np.maximum.at(acc, ranges[sl], per_sample)
+  for sl, inputs in recorded_batches(fp_model, paths, data):
+    for path, xs in inputs.items():
+      for x in xs:
+        per_sample = np.abs(np.asarray(x)).reshape(x.shape[0], -1, x.shape[-1]).max(axis=1)
+        acc = out.setdefault(path, np.zeros((len(boundaries) + 1, x.shape[-1]), np.float32))
+        np.maximum.at(acc, ranges[sl], per_sample)
   return out
 
 
