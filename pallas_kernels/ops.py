@@ -24,13 +24,15 @@ def resolve_backend(backend: str) -> str:
 
 
 def w4a6_matmul(x: jax.Array, qw: QuantizedWeight, bias: jax.Array | None = None, *,
-                act_bits: int = 6, backend: str = "auto", block_m: int = 128,
-                block_n: int = 128, block_k: int = 256) -> jax.Array:
+                act_bits: int = 6, act_clip: jax.Array | None = None, backend: str = "auto",
+                block_m: int = 128, block_n: int = 128, block_k: int = 256) -> jax.Array:
   """y = Q_a(x) · Ŵ + bias for x (..., K); integer math with int32 accumulation, returns x.dtype.
 
   Activations are quantized per token (row) to `act_bits`, symmetric, held in
-  int8; the weight's per-channel scales, the activation scales and the bias
-  are applied to the int32 accumulator in the epilogue. `block_*` are the
+  int8 (`act_clip`, a learned factor in (0, 1], maps that fraction of each
+  token's absmax onto the top code); the weight's per-channel scales, the
+  activation scales and the bias are applied to the int32 accumulator in the
+  epilogue. `block_*` are the
   kernel's preferred tiles (block_k counts K, not packed bytes); each back-end
   shrinks or pads them to what its hardware accepts.
   """
@@ -42,7 +44,8 @@ def w4a6_matmul(x: jax.Array, qw: QuantizedWeight, bias: jax.Array | None = None
     raise ValueError(f"bias must have shape ({qw.out_features},), got {bias.shape}")
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
-  out = _matmul_2d(x2, qw, bias, act_bits, backend, block_m, block_n, block_k)
+  clip = None if act_clip is None else jnp.asarray(act_clip, jnp.float32).reshape(())
+  out = _matmul_2d(x2, qw, bias, clip, act_bits, backend, block_m, block_n, block_k)
   if backend == "tpu_interpret" and not isinstance(out, jax.core.Tracer):
     # TPU interpret mode runs JAX ops from host callbacks; if the caller dispatches more
     # eager work while they run, both can wait on each other. Finish the call first.
@@ -50,11 +53,11 @@ def w4a6_matmul(x: jax.Array, qw: QuantizedWeight, bias: jax.Array | None = None
   return out.reshape(*lead, qw.out_features)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
-def _matmul_2d(x, qw, bias, act_bits, backend, block_m, block_n, block_k):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
+def _matmul_2d(x, qw, bias, act_clip, act_bits, backend, block_m, block_n, block_k):
   # Quantized once, by XLA, for every back-end: identical codes everywhere, and
   # fusing it into the kernel would redo it for every N tile.
-  codes, scales = reference.quantize_activations(x, act_bits)
+  codes, scales = reference.quantize_activations(x, act_bits, act_clip)
   if backend == "reference":
     return reference.matmul(codes, scales, qw, bias, x.dtype)
   if qw.packed:  # even-k columns meet the low nibbles, odd-k the high ones

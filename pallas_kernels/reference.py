@@ -10,16 +10,32 @@ from pallas_kernels.weights import QuantizedWeight, unpack_codes
 _TINY = 1e-8
 
 
-def quantize_activations(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+def activation_scales(absmax: jax.Array, bits: int, clip: jax.Array | None = None) -> jax.Array:
+  """Per-token scales from per-token absmax: clip · absmax / (2^(b−1) − 1), float32.
+
+  `clip` (a learned factor in (0, 1], scalar or broadcastable) maps that
+  fraction of the absmax onto the top code; larger values saturate. Training
+  (`s2q_jax.quant.quantizer`) uses this same formula, so fake quantization and
+  every deployed back-end agree bit for bit.
+  """
+  absmax = jnp.maximum(absmax.astype(jnp.float32), _TINY)
+  if clip is not None:
+    absmax = absmax * jnp.asarray(clip, jnp.float32)
+  return absmax / qrange(bits)[1]
+
+
+def quantize_activations(x: jax.Array, bits: int, clip: jax.Array | None = None
+                         ) -> tuple[jax.Array, jax.Array]:
   """Dynamic symmetric per-token quantization of (M, K) → (int8 codes, (M, 1) float32 scales).
 
   Every back-end gets its codes from this one XLA computation, so they agree
   exactly. Exact .5 ties of x / scale (common for bf16 inputs) may round
-  either way, as XLA may divide through a reciprocal.
+  either way, as XLA may divide through a reciprocal. `clip`: see
+  `activation_scales`.
   """
   lo, hi = qrange(bits)
   xf = x.astype(jnp.float32)
-  scales = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1, keepdims=True), _TINY) / hi
+  scales = activation_scales(jnp.max(jnp.abs(xf), axis=-1, keepdims=True), bits, clip)
   codes = jnp.clip(jnp.round(xf / scales), lo, hi).astype(jnp.int8)
   return codes, scales
 

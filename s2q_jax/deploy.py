@@ -3,8 +3,9 @@
 A quantized checkpoint is a folder with diffusers' `config.json` (plus an
 ``_s2q_jax`` entry) and one safetensors file holding, per quantized layer,
 bit-packed integer codes in (N, K) order, float16 per-channel scales, bf16
-bias, any channel shift and smoothing vector (float16), rotation and Q-VDiT
-estimator branch (float32); every other parameter is stored in bf16. Layers
+bias, any channel shift, smoothing vector and Kronecker transform factors
+(float16), activation clipping factor, rotation and Q-VDiT estimator branch
+(float32); every other parameter is stored in bf16. Layers
 quantized per timestep range (ViDiT-Q) are stored as one layer per range,
 `<path>.ranges.<i>`, with the range boundaries in config.json. Calibration already uses these float16 values and
 `round_fp_params` rounds the rest, so the checkpoint reproduces the evaluated
@@ -27,7 +28,7 @@ from pallas_kernels import QuantizedWeight, packing, w4a6_matmul
 from pallas_kernels.weights import dequantize_weight
 from s2q_jax.models.params import flat_params, load_flat_params
 from s2q_jax.quant.apply import quantized_layers, replace_module
-from s2q_jax.quant import quantizer, token_estimator
+from s2q_jax.quant import kronecker, quantizer, token_estimator
 from s2q_jax.quant.timestep_ranges import TimestepRangeLinear, ensure_step_context
 from s2q_jax.quant.token_estimator import TokenAwareLinear
 from s2q_jax.quant.qlinear import QuantParam
@@ -39,7 +40,9 @@ FP_DTYPE = jnp.bfloat16  # storage of the full-precision parameters and biases
 # float16 during calibration already, and a rotation's orthogonality needs float32.
 _LAYER_DTYPES = {"scales": quantizer.STORAGE_DTYPE, "smooth": quantizer.STORAGE_DTYPE,
                  "bias": FP_DTYPE, "rotation": jnp.float32, "shift": quantizer.STORAGE_DTYPE,
-                 "lowrank_a": jnp.float32, "lowrank_b": jnp.float32, "frame_scale": jnp.float32}
+                 "lowrank_a": jnp.float32, "lowrank_b": jnp.float32, "frame_scale": jnp.float32,
+                 "transform_left": quantizer.STORAGE_DTYPE,
+                 "transform_right": quantizer.STORAGE_DTYPE, "act_clip": jnp.float32}
 _LAYER_ARRAYS = tuple(name for name in _LAYER_DTYPES if name != "scales")
 
 
@@ -51,12 +54,15 @@ class DeployedLinear(nnx.Module):
   """A quantized linear layer as deployed: packed codes, kernels, folded transforms."""
 
   def __init__(self, weight: QuantizedWeight, *, bias=None, shift=None, smooth=None,
-               rotation=None, lowrank_a=None, lowrank_b=None, frame_scale=None, n_text: int = 0,
+               rotation=None, transform_left=None, transform_right=None, act_clip=None,
+               lowrank_a=None, lowrank_b=None, frame_scale=None, n_text: int = 0,
                a_bits: int | None, backend: str = "auto", dtype=jnp.float32):
     self.data, self.scales = Deployed(weight.data), Deployed(weight.scales)
     self.bits, self.in_features = weight.bits, weight.in_features
-    arrays = dict(bias=bias, shift=shift, smooth=smooth, rotation=rotation, lowrank_a=lowrank_a,
-                  lowrank_b=lowrank_b, frame_scale=frame_scale)
+    arrays = dict(bias=bias, shift=shift, smooth=smooth, rotation=rotation,
+                  transform_left=transform_left, transform_right=transform_right,
+                  act_clip=act_clip, lowrank_a=lowrank_a, lowrank_b=lowrank_b,
+                  frame_scale=frame_scale)
     for name, value in arrays.items():  # optional: None where a method did not add it
       setattr(self, name, nnx.data(None if value is None else
                                    Deployed(jnp.asarray(value, jnp.float32))))
@@ -74,13 +80,17 @@ class DeployedLinear(nnx.Module):
       x = x / self.smooth[...]
     if self.rotation is not None:
       x = x @ self.rotation[...]
+    if self.transform_left is not None:  # two small matmuls per token
+      x = kronecker.apply(x, self.transform_left[...], self.transform_right[...])
     bias = None if self.bias is None else self.bias[...]
+    clip = None if self.act_clip is None else self.act_clip[...]
     if self.a_bits is None:  # weight-only quantization
       y = x @ dequantize_weight(self.weight) + (0.0 if bias is None else bias)
     else:
-      y = w4a6_matmul(x, self.weight, bias, act_bits=self.a_bits, backend=self.backend)
+      y = w4a6_matmul(x, self.weight, bias, act_bits=self.a_bits, act_clip=clip,
+                      backend=self.backend)
     if self.lowrank_a is not None:  # Q-VDiT's estimator branch, on the quantized input
-      xq = x if self.a_bits is None else quantizer.fake_quant_activations(x, self.a_bits)
+      xq = x if self.a_bits is None else quantizer.fake_quant_activations(x, self.a_bits, clip)
       y = y + token_estimator.branch(xq, self.lowrank_a[...], self.lowrank_b[...],
                                      self.frame_scale[...], self.n_text)
     return y.astype(self.dtype)

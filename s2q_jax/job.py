@@ -209,8 +209,11 @@ def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str) -> p
   """The FP sampler's trajectories on calibration prompts, cached in the workdir."""
   path = os.path.expanduser(cfg.calib.pool_path) or os.path.join(workdir, "pool.npz")
   if os.path.exists(path):
-    print(f"  reusing {path}")
-    return pool_lib.load_pool(path)
+    pool = pool_lib.load_pool(path)
+    if pool is not None:
+      print(f"  reusing {path}")
+      return pool
+    print(f"  {path} was written by another version; rebuilding it")
   calib = cfg.copy_and_resolve_references()
   calib.eval.num_videos = cfg.calib.num_prompts
   calib.seed = cfg.seed + 1  # calibration noise differs from evaluation noise

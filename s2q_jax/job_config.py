@@ -33,8 +33,14 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   # S²Q-VDiT (method=s2q): calibration data selection and block-wise distillation.
   c.calib = ml_collections.ConfigDict()
   c.calib.num_prompts = 8  # prompts whose every denoising step enters the candidate pool
-  c.calib.num_samples = 40  # candidates kept (paper: 40)
-  c.calib.selection = "salient"  # salient | uniform | random
+  c.calib.num_samples = 40  # model inputs calibrated on (paper: 40), null-prompt twins included
+  c.calib.uncond = True  # each chosen step also gives its null-prompt (CFG) input, every method
+  # salient_stratified: the top C = C̄_diff·C̄_quant within each of `bands` timestep bands |
+  # salient: the paper's literal global top-N | uniform | random (ablations)
+  c.calib.selection = "salient_stratified"
+  c.calib.bands = 5  # contiguous bands of sampler steps (salient_stratified)
+  c.calib.band_quota = "equal"  # equal | salience: ∝ the band's mean diffusion salience
+  c.calib.diffusion_salience = "latent"  # latent: ‖x_t − x_{t−1}‖²/‖x_t‖² | x0: change of x̂₀
   c.calib.salience = "input"  # input: ‖x_tᵀx_t‖₂ of the latent | layer: Σ over quantized layers
   c.calib.pool_path = ""  # where the candidate pool is cached ('' = <workdir>/pool.npz)
   c.calib.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
@@ -46,10 +52,16 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.distill.lam_max = 1.0
   c.distill.epochs = 15
   c.distill.batch_size = 4
-  c.distill.lr_clip = 5e-2
-  c.distill.lr_smooth = 5e-3
+  c.distill.lr_clip = 5e-2  # weight clipping factors (paper: 5e-2)
+  c.distill.act_clip = True  # learned activation clipping factor per layer, in [0.3, 1]
+  c.distill.lr_act_clip = 5e-2  # (paper: 5e-2)
+  c.distill.lr_smooth = 5e-3  # smoothing scales (paper: 5e-3)
   c.distill.smoothing = True
   c.distill.smooth_alpha = 0.5
+  # kronecker: learned FlatQuant-style input transform P = P₁ ⊗ P₂ per layer | none
+  c.distill.transform = "kronecker"
+  c.distill.transform_init = "identity"  # identity | hadamard
+  c.distill.lr_transform = 5e-3  # (paper: 5e-3)
   c.distill.rotation = False  # fixed Hadamard rotation of every quantized layer's input
   c.distill.gptq = True
 

@@ -95,7 +95,7 @@ def test_deployed_checkpoint_reproduces_fake_quant(calibrated, tmp_path, method)
 def test_vidit_q_balances_each_timestep_range_from_its_own_activations(calibrated):
   fp, q, stats = calibrated("vidit_q")
   boundaries = stats["timestep_boundaries"]
-  pool = _pool(fp).take(np.asarray(stats["selected"]))
+  pool = _pool(fp).take(np.asarray(stats["selection"]["positions"]))
   # The input of block 0's adaLN modulation is silu(temb), computed here independently.
   _, _, temb = fp.embed(pool.latents, pool.conditions, pool.timesteps)
   x = np.asarray(jax.nn.silu(temb))

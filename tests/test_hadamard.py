@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s2q_jax.calibration import hadamard_matrix, rotate_linear, rotate_output
+from s2q_jax.quant.rotation import hadamard_matrix, rotate_linear, rotate_output
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 12, 64, 96, 128, 15, 1920, 3072])

@@ -72,7 +72,8 @@ def calibrated(tmp_path_factory):
 
 def test_calibration_runs_freezes_and_is_deterministic(calibrated, tmp_path):
   _, q1, stats = calibrated
-  assert len(stats["blocks"]) == 2 and len(stats["selected"]) == 4
+  assert len(stats["blocks"]) == 2 and len(stats["selection"]["positions"]) == 2
+  assert sum(stats["selection"]["step_histogram"]) == 4 and stats["selection"]["uncond"] == 2
   assert all(layer.codes is not None for _, layer in quant.quantized_layers(q1))
   _, q2, _ = _calibrate(tmp_path / "again")
   c1, c2 = _codes(q1), _codes(q2)

@@ -26,16 +26,19 @@ class _Recorder(nnx.Module):
 
 
 @contextlib.contextmanager
-def recording(model: nnx.Module, paths: set[str] | None = None
+def recording(model: nnx.Module, paths: set[str] | None = None, *, transformed: bool = True
               ) -> Iterator[Callable[[], dict[str, list[jax.Array]]]]:
   """Within the block, calls of the chosen linears (default: all) record their inputs.
 
   Yields `collect()`, which returns {layer path: [inputs recorded since the
-  last collect]}. Run the model eagerly (or under `nnx.jit`) inside the block;
-  the original layers are put back on exit.
+  last collect]}. Quantized layers record the input after their transforms
+  (what is quantized), or the raw input if not `transformed`. Run the model
+  eagerly (or under `nnx.jit`) inside the block; the original layers are put
+  back on exit.
   """
   targets = [(p, m) for p, m in iter_linears(model) if paths is None or p in paths]
-  recorders = {p: _Recorder(m, hasattr(m, "transform_input")) for p, m in targets}
+  recorders = {p: _Recorder(m, transformed and hasattr(m, "transform_input"))
+               for p, m in targets}
   for p, r in recorders.items():
     replace_module(model, p, r)
 

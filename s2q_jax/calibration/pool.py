@@ -1,50 +1,95 @@
-"""The candidate pool: every denoising step of the full-precision sampler on calibration prompts."""
+"""The candidate pool: every denoising step of the full-precision sampler on calibration prompts.
+
+A candidate is one (prompt, sampler step) position of a trajectory: the
+model input x_t, the step's output x_{t−1}, the timestep and the prompt's
+condition. Under classifier-free guidance the model also sees x_t with the
+null condition at every step, so `model_inputs` can return each chosen
+position's conditional input followed by its null-prompt twin.
+"""
 from __future__ import annotations
 
 import dataclasses
 import os
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from s2q_jax.calibration.salience import diffusion_salience
 from s2q_jax.generation import sampler
+from s2q_jax.sampling import make_schedule, predicted_x0
+
+# Written into pool files: a file of another layout is rebuilt, never misread.
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass
 class Pool:
-  latents: np.ndarray  # (P·S, F, C, H, W): model input x_t at each step
-  previous: np.ndarray  # (P·S, F, C, H, W): x_{t-1}, the step's output
-  timesteps: np.ndarray  # (P·S,)
-  conditions: np.ndarray  # (P·S, L, D)
+  latents: np.ndarray  # (N, F, C, H, W): model input x_t at each position
+  previous: np.ndarray  # (N, F, C, H, W): x_{t-1}, the step's output
+  timesteps: np.ndarray  # (N,) diffusion timesteps
+  steps: np.ndarray  # (N,) sampler step index, 0 = noisiest
+  x0_change: np.ndarray  # (N,) ‖x̂₀(t) − x̂₀(t−1)‖² / ‖x̂₀(t)‖² (see `build_pool`)
+  conditions: np.ndarray  # (N, L, D)
+  null_condition: np.ndarray  # (L, D): the classifier-free-guidance null prompt
 
   def __len__(self) -> int:
     return len(self.timesteps)
 
   def take(self, idx: np.ndarray) -> "Pool":
-    return Pool(self.latents[idx], self.previous[idx], self.timesteps[idx], self.conditions[idx])
+    fields = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
+              if f.name != "null_condition"}
+    return Pool(**fields, null_condition=self.null_condition)
+
+  def model_inputs(self, idx: np.ndarray, with_uncond: bool) -> "Pool":
+    """Positions `idx` as model inputs; with `with_uncond`, each null-prompt twin after them."""
+    chosen = self.take(np.asarray(idx))
+    if not with_uncond:
+      return chosen
+    twins = dataclasses.replace(chosen, conditions=np.broadcast_to(
+        self.null_condition, chosen.conditions.shape).copy())
+    return Pool(**{f.name: np.concatenate([getattr(chosen, f.name), getattr(twins, f.name)])
+                   for f in dataclasses.fields(self) if f.name != "null_condition"},
+                null_condition=self.null_condition)
 
 
 def build_pool(model: nnx.Module, conditions: np.ndarray, uncond: np.ndarray, noise: np.ndarray,
                *, num_steps: int, guidance_scale: float) -> Pool:
-  """Runs the sampler on each prompt, keeping (x_t, x_{t-1}, t, condition) of every step."""
+  """Runs the sampler on each prompt, keeping every step of every trajectory.
+
+  `x0_change` compares the clean video x̂₀ the step predicted with the one the
+  next step predicts (the final sample after the last step): the paper's
+  "change of the denoised feature" read as the predicted x̂₀.
+  """
   run = sampler(model, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
                 return_trajectory=True)
   final, trajectory, timesteps = run(noise, conditions)
   traj = np.asarray(trajectory)  # (S, P, ...)
   prev = np.concatenate([traj[1:], np.asarray(final)[None]], axis=0)
   s, p = traj.shape[:2]
-  return Pool(latents=traj.reshape(s * p, *traj.shape[2:]),
-              previous=prev.reshape(s * p, *traj.shape[2:]),
-              timesteps=np.repeat(np.asarray(timesteps), p),
-              conditions=np.tile(np.asarray(conditions), (s, 1, 1)))
+  steps = np.repeat(np.arange(s), p)
+  flat = lambda a: a.reshape(s * p, *a.shape[2:])  # noqa: E731  step-major, like `steps`
+  schedule = make_schedule(num_inference_steps=num_steps)
+  x0 = np.asarray(predicted_x0(schedule, jnp.asarray(steps), jnp.asarray(flat(traj)),
+                               jnp.asarray(flat(prev)))).reshape(traj.shape)
+  x0_next = np.concatenate([x0[1:], np.asarray(final)[None]], axis=0)
+  return Pool(latents=flat(traj), previous=flat(prev),
+              timesteps=np.repeat(np.asarray(timesteps), p), steps=steps,
+              x0_change=np.asarray(diffusion_salience(jnp.asarray(flat(x0)),
+                                                      jnp.asarray(flat(x0_next)))),
+              conditions=np.tile(np.asarray(conditions), (s, 1, 1)),
+              null_condition=np.asarray(uncond, np.float32))
 
 
 def save_pool(path: str, pool: Pool) -> None:
   tmp = path + ".tmp.npz"
-  np.savez(tmp, **dataclasses.asdict(pool))
+  np.savez(tmp, format_version=FORMAT_VERSION, **dataclasses.asdict(pool))
   os.replace(tmp, path)
 
 
-def load_pool(path: str) -> Pool:
+def load_pool(path: str) -> Pool | None:
+  """The pool stored at `path`, or None if it was written in another layout."""
   with np.load(path) as f:
-    return Pool(**{k: f[k] for k in f.files})
+    if "format_version" not in f.files or int(f["format_version"]) != FORMAT_VERSION:
+      return None
+    return Pool(**{k: f[k] for k in f.files if k != "format_version"})

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-METHODS = ("salient", "uniform", "random")
+METHODS = ("salient_stratified", "salient", "uniform", "random")
+BAND_QUOTAS = ("equal", "salience")
 
 
 def minmax_normalize(scores: np.ndarray) -> np.ndarray:
@@ -31,10 +32,12 @@ def select_indices(scores: np.ndarray | None, num_samples: int, method: str = "s
   """Indices of the chosen candidates, in pool order.
 
   salient: the top `num_samples` scores; uniform: evenly spaced over the pool;
-  random: a seeded draw without replacement.
+  random: a seeded draw without replacement. (`salient_stratified` needs the
+  sampler steps: see `stratified_indices`.)
   """
-  if method not in METHODS:
-    raise ValueError(f"selection method {method!r}: choose one of {', '.join(METHODS)}")
+  if method not in METHODS or method == "salient_stratified":
+    raise ValueError(f"selection method {method!r}: choose one of "
+                     f"{', '.join(m for m in METHODS if m != 'salient_stratified')}")
   n = len(scores) if scores is not None else pool_size
   if n is None:
     raise ValueError("pass scores or pool_size")
@@ -56,3 +59,61 @@ def select_indices(scores: np.ndarray | None, num_samples: int, method: str = "s
   else:
     chosen = np.random.default_rng(seed).choice(n, num_samples, replace=False)
   return np.sort(chosen)
+
+
+def band_quotas(band_sizes: np.ndarray, num_samples: int, weights: np.ndarray | None = None
+                ) -> np.ndarray:
+  """Samples per band: ∝ `weights` (default equal), whole numbers, at most each band's size.
+
+  Largest-remainder rounding, so the quotas sum to `num_samples`; what a full band
+  cannot take goes to the others in proportion to their weights.
+  """
+  sizes = np.asarray(band_sizes, np.int64)
+  if num_samples > sizes.sum():
+    raise ValueError(f"cannot select {num_samples} samples from a pool of {sizes.sum()}")
+  w = np.ones(len(sizes)) if weights is None else np.asarray(weights, np.float64)
+  if w.shape != sizes.shape or not np.all(np.isfinite(w)) or np.any(w < 0):
+    raise ValueError(f"band weights must be finite and non-negative, got {w}")
+  quota = np.zeros_like(sizes)
+  open_ = sizes > 0
+  while quota.sum() < num_samples:
+    left = num_samples - quota.sum()
+    ww = np.where(open_, w if np.any(w[open_] > 0) else 1.0, 0.0)
+    share = left * ww / ww.sum()
+    add = np.floor(share).astype(np.int64)
+    # Largest remainders first (ties: earlier band), one sample each.
+    remainder = np.where(ww > 0, share - add, -np.inf)
+    add[np.argsort(-remainder, kind="stable")[:left - add.sum()]] += 1
+    quota = np.minimum(quota + add, sizes)
+    open_ = quota < sizes
+  return quota
+
+
+def stratified_indices(c_diff: np.ndarray, c_quant: np.ndarray, steps: np.ndarray,
+                       num_steps: int, num_samples: int, bands: int,
+                       quota: str = "equal") -> np.ndarray:
+  """Salient selection within timestep bands; indices in pool order.
+
+  The sampler's steps are split into `bands` contiguous bands of (nearly) equal
+  length (at most one per step); each band gets its quota of samples (`equal`, or ∝ the band's mean
+  diffusion salience for `salience`) and keeps its top C̄_diff · C̄_quant, both
+  min-max normalised within the band. Global min-max lets the steps where the
+  latent changes most (the last few, on zero-terminal-SNR schedules) take every
+  sample; banding keeps the whole trajectory in the calibration set.
+  """
+  if quota not in BAND_QUOTAS:
+    raise ValueError(f"band quota {quota!r}: choose one of {', '.join(BAND_QUOTAS)}")
+  steps = np.asarray(steps)
+  if isinstance(bands, bool) or not isinstance(bands, (int, np.integer)) or bands < 1:
+    raise ValueError(f"bands must be a positive integer, got {bands!r}")
+  bands = min(bands, num_steps)  # at most one band per step
+  band = steps * bands // num_steps
+  members = [np.flatnonzero(band == b) for b in range(bands)]
+  c_diff, c_quant = np.asarray(c_diff, np.float64), np.asarray(c_quant, np.float64)
+  weights = None
+  if quota == "salience":
+    weights = np.array([c_diff[m].mean() if len(m) else 0.0 for m in members])
+  quotas = band_quotas(np.array([len(m) for m in members]), num_samples, weights)
+  chosen = [m[select_indices(salient_scores(c_diff[m], c_quant[m]), int(q))]
+            for m, q in zip(members, quotas) if q > 0]
+  return np.sort(np.concatenate(chosen))

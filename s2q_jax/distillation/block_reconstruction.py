@@ -1,9 +1,12 @@
 """Block-wise reconstruction: train one quantized block to match its full-precision twin.
 
 The learnable state is chosen by Variable type, one AdamW + cosine schedule
-per type: S²Q-VDiT trains each `QuantLinear`'s clipping (`WeightClip`) and
-smoothing (`SmoothScale`), Q-VDiT its estimator branch; activation
-quantization stays on. The loss is the token-weighted MSE unless a method
+per type: S²Q-VDiT trains each `QuantLinear`'s weight and activation clipping
+(`WeightClip`, `ActClip`), smoothing (`SmoothScale`) and Kronecker input
+transform (`KroneckerFactor`), Q-VDiT its estimator branch; activation
+quantization stays on. After every step, values of a type with `bounds` are
+projected back into them (a clipping factor that stepped past 1 would
+otherwise get no gradient again). The loss is the token-weighted MSE unless a method
 passes its own. Calibration samples are
 sharded over a `data` mesh axis: each device computes gradients on its
 shard and `pmean` averages them, so any device count gives the same update
@@ -22,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from s2q_jax.distillation.token_importance import weighted_token_mse
-from s2q_jax.quant.qlinear import SmoothScale, WeightClip
+from s2q_jax.quant.qlinear import SmoothScale, WeightClip, project
 
 
 @dataclasses.dataclass
@@ -92,9 +95,9 @@ def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
   def step(params, rest, opt_state, *batch_arrays):
     value, grads = sharded_grads(params, rest, *batch_arrays)
     new_params, new_state = [], []
-    for tx, p, g, s in zip(txs, params, grads, opt_state):
+    for kind, tx, p, g, s in zip(groups, txs, params, grads, opt_state):
       update, s = tx.update(g, s, p)
-      new_params.append(optax.apply_updates(p, update))
+      new_params.append(jax.tree.map(lambda v: project(v, kind), optax.apply_updates(p, update)))
       new_state.append(s)
     return tuple(new_params), tuple(new_state), value
 

@@ -55,9 +55,16 @@ def to_markdown(r: dict[str, Any]) -> str:
 
 
 def _calibration_markdown(c: dict[str, Any]) -> list[str]:
+  sel = c["selection"]
+  n_inputs = sum(sel["step_histogram"])
   lines = ["## Calibration", "",
-           f"{len(c['selected'])} of {c['num_candidates']} candidates selected"
-           + (f", sharded over {c['devices']} device(s)." if "devices" in c else "."), ""]
+           f"{len(sel['positions'])} of {c['num_candidates']} candidate steps selected: "
+           f"{n_inputs} model inputs, {sel['uncond']} of them with the null prompt"
+           + (f"; sharded over {c['devices']} device(s)." if "devices" in c else "."), "",
+           "Calibration inputs per sampler step (0 = noisiest):", "",
+           "| step | " + " | ".join(str(i) for i in range(len(sel["step_histogram"]))) + " |",
+           "|---|" + "---|" * len(sel["step_histogram"]),
+           "| inputs | " + " | ".join(str(n) for n in sel["step_histogram"]) + " |", ""]
   if "timestep_boundaries" in c:
     lines += [f"Timestep ranges split at {c['timestep_boundaries']}; balanced "
               f"{c['balanced_layers']} layers.", ""]

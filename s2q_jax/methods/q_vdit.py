@@ -1,8 +1,8 @@
 """Q-VDiT: Token-aware Quantization Estimator + Temporal Maintenance Distillation.
 
 Every quantized layer of a block becomes a `TokenAwareLinear` (rank-1 error
-branch scaled per frame, see `quant.token_estimator`). The block-wise loop of
-S²Q-VDiT (`methods.s2q.calibrate`) trains it with Q-VDiT's recipe instead:
+branch scaled per frame, see `quant.token_estimator`). The block-wise loop
+S²Q-VDiT uses (`methods.blockwise`) trains it with Q-VDiT's recipe:
 calibration samples uniformly spaced over the denoising steps, no token
 weighting, no smoothing, round-to-nearest codes, and the loss
 
@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from s2q_jax.calibration.pool import Pool
-from s2q_jax.distillation.block_reconstruction import LossFn
-from s2q_jax.methods import s2q
+from s2q_jax.distillation.block_reconstruction import LossFn, TrainConfig
+from s2q_jax.methods.blockwise import BlockRecipe, calibrate_blocks
+from s2q_jax.methods.calibration_data import calibration_data, uniform_positions
 from s2q_jax.quant.apply import quantized_layers, replace_module
 from s2q_jax.quant.qlinear import WeightClip
 from s2q_jax.quant.token_estimator import FrameScale, LowRankA, LowRankB, TokenAwareLinear
@@ -50,34 +51,30 @@ def tmd_loss(gamma: float, n_text: int, frames: int) -> LossFn:
   return loss
 
 
-def recipe_config(cfg):
-  """`cfg` with the parts of the shared block loop set as Q-VDiT does them."""
-  cfg = cfg.copy_and_resolve_references()
-  cfg.calib.selection = "uniform"
-  cfg.distill.token_weighting = "uniform"
-  cfg.distill.smoothing = False
-  cfg.distill.rotation = False
-  cfg.distill.gptq = False
-  cfg.distill.epochs = cfg.q_vdit.epochs
-  return cfg
+def recipe(cfg, frames: int, n_text: int) -> BlockRecipe:
+  """Q-VDiT's block recipe: estimator branch + clipping, TMD loss, no smoothing, RTN codes."""
 
-
-def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdir: str,
-              mesh: jax.sharding.Mesh, log=print) -> dict[str, Any]:
-  frames, n_text = pool.latents.shape[1], pool.conditions.shape[1]
-
-  def prepare_block(block, cfg):
+  def prepare_block(block: nnx.Module) -> None:
     for path, layer in quantized_layers(block):
       if not isinstance(layer, TokenAwareLinear):
         replace_module(block, path, TokenAwareLinear(
             layer, w_bits=layer.w_bits, a_bits=layer.a_bits, path=layer.path, frames=frames,
             n_text=n_text, seed=cfg.seed))
 
-  def groups(cfg):
-    lr = cfg.q_vdit.lr_estimator
-    return {WeightClip: cfg.distill.lr_clip, LowRankA: lr, LowRankB: lr, FrameScale: lr}
+  lr = cfg.q_vdit.lr_estimator
+  return BlockRecipe(
+      prepare_block=prepare_block,
+      groups={WeightClip: cfg.distill.lr_clip, LowRankA: lr, LowRankB: lr, FrameScale: lr},
+      train=TrainConfig(cfg.q_vdit.epochs, cfg.distill.batch_size, seed=cfg.seed),
+      loss=lambda n_text, frames: tmd_loss(cfg.q_vdit.gamma, n_text, frames),
+      token_weighting="uniform", gptq=False)
 
-  return s2q.calibrate(q_model, fp_model, pool, recipe_config(cfg), workdir, mesh, log,
-                       prepare_block=prepare_block, groups=groups,
-                       loss=lambda cfg, n_text, frames: tmd_loss(cfg.q_vdit.gamma, n_text,
-                                                                 frames))
+
+def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdir: str,
+              mesh: jax.sharding.Mesh, log=print) -> dict[str, Any]:
+  """Calibration samples uniformly spaced over the steps (with null-prompt twins)."""
+  data, selection = calibration_data(pool, uniform_positions(pool, cfg), cfg)
+  frames, n_text = pool.latents.shape[1], pool.conditions.shape[1]
+  stats = calibrate_blocks(q_model, fp_model, data, recipe(cfg, frames, n_text), workdir, mesh,
+                           log)
+  return {"num_candidates": len(pool), "selection": selection, **stats}

@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from s2q_jax.calibration import select_indices
 from s2q_jax.calibration.capture import recorded_batches
 from s2q_jax.calibration.pool import Pool
+from s2q_jax.methods.calibration_data import calibration_data, uniform_positions
 from s2q_jax.quant import quantizer
 from s2q_jax.quant.apply import quantized_layers
 from s2q_jax.quant.qlinear import ChannelShift, SmoothScale
@@ -90,9 +90,7 @@ def htdq_shift(x: np.ndarray, timesteps: np.ndarray, lo: np.ndarray, hi: np.ndar
 def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdir: str,
               mesh: jax.sharding.Mesh, log=print) -> dict[str, Any]:
   del workdir, mesh  # nothing is trained
-  idx = select_indices(None, cfg.calib.num_samples, "uniform", pool_size=len(pool),
-                       seed=cfg.seed)
-  data = pool.take(idx)
+  data, selection = calibration_data(pool, uniform_positions(pool, cfg), cfg)
   layers = [(p, l) for p, l in quantized_layers(q_model) if l.a_bits is not None]
   log(f"  channel ranges of {len(layers)} layers over {len(data)} samples")
   lo, hi, mean, vectors = _collect(fp_model, {p for p, _ in layers}, data)
@@ -109,4 +107,4 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
       layer.shift = ChannelShift(jnp.asarray(shift))
       layer.smooth = SmoothScale(jnp.asarray(scale))
   log(f"  HTDQ on {len(htdq)} temporal layers, SCRI on {len(layers) - len(htdq)}")
-  return {"num_candidates": len(pool), "selected": idx.tolist(), "htdq": htdq}
+  return {"num_candidates": len(pool), "selection": selection, "htdq": htdq}

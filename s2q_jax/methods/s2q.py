@@ -1,225 +1,140 @@
-"""S²Q-VDiT calibration: salient data selection, then attention-weighted block reconstruction.
+"""S²Q-VDiT calibration: Hessian-aware salient data selection, then sparse token distillation.
 
-Given the full-precision model and its quantized copy (`QuantLinear` layers,
-not yet frozen), this picks the calibration samples and calibrates the
-blocks one by one, freezing each block's integer codes (GPTQ on the learned
-scales) before moving on. State is checkpointed after every block, and a
-rerun with the same workdir resumes at the next one.
+Selection scores every pool position by C = C̄_diff · C̄_quant and keeps the
+most salient (`calib.selection`, see `select_positions`). Each block is then
+trained to reproduce its full-precision twin with the token-weighted loss,
+learning per layer (appendix A of the paper): weight clipping and activation
+clipping (lr 5e-2), a SmoothQuant-initialised smoothing scale and a
+FlatQuant-style Kronecker transform of the input (lr 5e-3). GPTQ then fixes
+the integer codes for the learned scales. The loop itself is
+`methods.blockwise`.
 """
 from __future__ import annotations
 
-import os
-import resource
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from s2q_jax.calibration import diffusion_salience, quant_salience, salient_scores, select_indices
+from s2q_jax.calibration import (diffusion_salience, quant_salience, salient_scores,
+                                 select_indices)
 from s2q_jax.calibration.capture import recording
-from s2q_jax.calibration.gptq import accumulate_hessian, gptq_quantize
 from s2q_jax.calibration.pool import Pool
-from s2q_jax.distillation import attention_token_importance, token_weights
-from s2q_jax.distillation.block_reconstruction import (BlockData, LossFn, NonFiniteLoss,
-                                                       TrainConfig, train_block)
+from s2q_jax.calibration.selection import stratified_indices
+from s2q_jax.distillation.block_reconstruction import TrainConfig
 from s2q_jax.errors import UserError
-from s2q_jax.calibration.rotation import hadamard_matrix
+from s2q_jax.methods.blockwise import BlockRecipe, calibrate_blocks
+from s2q_jax.methods.calibration_data import calibration_data, num_positions
 from s2q_jax.quant import QuantLinear, Rotation, SmoothScale
+from s2q_jax.quant import kronecker
 from s2q_jax.quant.apply import quantized_layers
-from s2q_jax.quant.qlinear import Codes, QuantParam
+from s2q_jax.quant.qlinear import ActClip, KroneckerFactor, WeightClip
+from s2q_jax.quant.rotation import hadamard_matrix
+
+TRANSFORMS = ("kronecker", "none")
 
 
-def score_pool(model: nnx.Module, pool: Pool, variant: str) -> np.ndarray:
-  """C = C̄_diff · C̄_quant for every candidate; `variant` input | layer (see DESIGN §4)."""
-  c_diff = np.asarray(diffusion_salience(jnp.asarray(pool.latents), jnp.asarray(pool.previous)))
+def salience(model: nnx.Module, pool: Pool, quant_variant: str, diff_variant: str
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """(C_diff, C_quant) of every pool position (see DESIGN §4).
+
+  C_diff: `latent` ‖x_t − x_{t−1}‖²/‖x_t‖², or `x0` the change of the predicted
+  clean video (`Pool.x0_change`). C_quant: `input` ‖x_tᵀx_t‖₂ over the latent's
+  patch tokens (the paper's), or `layer` the sum over quantized layers of the top
+  eigenvalue of each layer's input Hessian (conditional input).
+  """
+  if diff_variant == "latent":
+    c_diff = np.asarray(diffusion_salience(jnp.asarray(pool.latents), jnp.asarray(pool.previous)))
+  elif diff_variant == "x0":
+    c_diff = np.asarray(pool.x0_change, np.float64)
+  else:
+    raise UserError(f"calib.diffusion_salience={diff_variant!r}: use latent or x0")
+  if quant_variant not in ("input", "layer"):
+    raise UserError(f"calib.salience={quant_variant!r}: use input or layer")
   c_quant = np.empty(len(pool))
   p = model.config.patch_size
+  paths = {path for path, _ in quantized_layers(model)}
   for i in range(len(pool)):
-    if variant == "input":  # the paper's ‖x_tᵀx_t‖₂ over the latent's patch tokens
+    if quant_variant == "input":
       x = pool.latents[i]
       f, c, h, w = x.shape
       tokens = x.reshape(f, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5)
       c_quant[i] = float(quant_salience(jnp.asarray(tokens.reshape(-1, c * p * p))))
-    else:  # sum over quantized layers of the top eigenvalue of each layer's inputs
-      paths = {path for path, _ in quantized_layers(model)}
+    else:
       with recording(model, paths) as collect:
         model(pool.latents[i:i + 1], pool.conditions[i:i + 1], pool.timesteps[i:i + 1])
         inputs = collect()
       c_quant[i] = sum(float(quant_salience(x)) for xs in inputs.values() for x in xs)
-  return salient_scores(c_diff, c_quant)
+  return c_diff, c_quant
 
 
-@nnx.jit
-def _apply_block(block, video, text, temb, rotary):
-  return block(video, text, temb, rotary)
+def select_positions(model: nnx.Module, pool: Pool, cfg, log=print) -> np.ndarray:
+  """Pool positions to calibrate on, by `calib.selection`.
+
+  salient_stratified (default): the sampler's steps split into `calib.bands`
+  bands, each with its quota (`calib.band_quota`), ranked by C within the band.
+  salient: the paper's literal global top-N of C (on zero-terminal-SNR
+  schedules it takes only the last steps). uniform | random: ablations.
+  """
+  n = num_positions(cfg, len(pool))
+  method = cfg.calib.selection
+  try:
+    if method in ("salient", "salient_stratified"):
+      log(f"  scoring {len(pool)} candidates ({cfg.calib.diffusion_salience} diffusion × "
+          f"{cfg.calib.salience} quantization salience)")
+      c_diff, c_quant = salience(model, pool, cfg.calib.salience, cfg.calib.diffusion_salience)
+      if method == "salient":
+        return select_indices(salient_scores(c_diff, c_quant), n)
+      return stratified_indices(c_diff, c_quant, pool.steps, int(pool.steps.max()) + 1, n,
+                                cfg.calib.bands, cfg.calib.band_quota)
+    return select_indices(None, n, method, pool_size=len(pool), seed=cfg.seed)
+  except ValueError as e:
+    raise UserError(f"calib: {e}") from None
 
 
-@nnx.jit
-def _embed(model, latents, conditions, timesteps):
-  return model.embed(latents, conditions, timesteps)
-
-
-def _batched(fn: Callable, arrays: tuple, batch: int = 8):
-  outs = [fn(*(a[i:i + batch] for a in arrays)) for i in range(0, len(arrays[0]), batch)]
-  return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0])))
-
-
-@nnx.jit
-def _block_importance(block, video, text, temb, rotary):
-  n_v, n_t, _, _ = block.norm1(video, text, temb)
-  q, k, _ = block.attn1.project(jnp.concatenate([n_t, n_v], axis=1), text.shape[1], rotary)
-  return (attention_token_importance(q, k, block_size=256),)
-
-
-def _importance(block, video, text, temb, rotary) -> np.ndarray:
-  return _batched(lambda v, t, e: _block_importance(block, v, t, e, rotary),
-                  (video, text, temb))[0]
-
-
-def _init_smoothing(layers: list[tuple[str, QuantLinear]], inputs: dict, alpha: float) -> None:
-  """SmoothQuant: s_j = max|X_j|^α / max|W_j|^(1−α), clamped to [1e-2, 1e2]."""
-  for path, layer in layers:
-    x_max = jnp.max(jnp.stack([jnp.abs(x).reshape(-1, x.shape[-1]).max(0)
-                               for x in inputs[path]]), axis=0)
-    w_max = jnp.abs(layer.kernel[...].astype(jnp.float32)).max(axis=1)
-    s = jnp.clip(x_max ** alpha / jnp.maximum(w_max, 1e-8) ** (1 - alpha), 1e-2, 1e2)
-    layer.smooth = SmoothScale(s)
-
-
-def _add_transforms(layer: QuantLinear, cfg) -> None:
-  """Placeholder smoothing (set properly from data) and the fixed Hadamard rotation, if enabled."""
-  if cfg.distill.smoothing and layer.smooth is None:
-    layer.smooth = SmoothScale(jnp.ones((layer.in_features,)))
-  if cfg.distill.rotation and layer.rotation is None:
+def add_quantizer_state(layer: QuantLinear, cfg) -> None:
+  """The learnable parts S²Q-VDiT adds to a layer (idempotent)."""
+  d = cfg.distill
+  if d.smoothing and layer.smooth is None:
+    layer.smooth = SmoothScale(jnp.ones((layer.in_features,)))  # set from data by the loop
+  if d.rotation and layer.rotation is None:
     layer.rotation = Rotation(hadamard_matrix(layer.in_features))
+  if d.transform not in TRANSFORMS:
+    raise UserError(f"distill.transform={d.transform!r}: use one of {', '.join(TRANSFORMS)}")
+  if d.transform == "kronecker" and layer.a_bits is not None and layer.transform_left is None:
+    try:
+      p1, p2 = kronecker.initial_factors(layer.in_features, d.transform_init)
+    except ValueError as e:
+      raise UserError(f"distill.transform_init: {e}") from None
+    layer.transform_left, layer.transform_right = KroneckerFactor(p1), KroneckerFactor(p2)
+  if d.act_clip and layer.a_bits is not None and layer.act_clip is None:
+    layer.act_clip = ActClip(jnp.ones(()))
 
 
-def _freeze_block(layers, inputs: dict, use_gptq: bool) -> None:
-  for path, layer in layers:
-    if not use_gptq:
-      layer.freeze()
-      continue
-    h = None
-    for x in inputs[path]:
-      h = accumulate_hessian(h, x)
-    layer.freeze(gptq_quantize(layer.effective_kernel(), h, layer.weight_scales(),
-                               bits=layer.w_bits))
+def recipe(cfg) -> BlockRecipe:
+  d = cfg.distill
 
+  def prepare_block(block: nnx.Module) -> None:
+    for _, layer in quantized_layers(block):
+      add_quantizer_state(layer, cfg)
 
-def _check_finite(block_index: int, layers) -> None:
-  for path, layer in layers:
-    for name in ("clip", "smooth"):
-      value = getattr(layer, name)
-      if value is not None and not bool(jnp.all(jnp.isfinite(value[...]))):
-        raise UserError(f"calibration diverged in block {block_index}: layer {path} has "
-                        f"non-finite {name}; lower distill.lr_clip / distill.lr_smooth")
-
-
-def _prepare_s2q_block(block: nnx.Module, cfg) -> None:
-  for _, layer in quantized_layers(block):
-    _add_transforms(layer, cfg)
+  return BlockRecipe(
+      prepare_block=prepare_block,
+      groups={WeightClip: d.lr_clip, ActClip: d.lr_act_clip, SmoothScale: d.lr_smooth,
+              KroneckerFactor: d.lr_transform},
+      train=TrainConfig(d.epochs, d.batch_size, d.lr_clip, d.lr_smooth, cfg.seed),
+      token_weighting=d.token_weighting, lam_min=d.lam_min, lam_max=d.lam_max,
+      smooth_alpha=d.smooth_alpha if d.smoothing else None, gptq=d.gptq, enabled=d.enabled)
 
 
 def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdir: str,
-              mesh: jax.sharding.Mesh, log=print, *,
-              prepare_block: Callable[[nnx.Module, Any], None] = _prepare_s2q_block,
-              groups: Callable[[Any], dict] | None = None,
-              loss: Callable[[Any, int, int], LossFn] | None = None) -> dict[str, Any]:
-  """Calibrates q_model in place; returns per-block statistics for the report.
-
-  The keyword hooks let another block-wise method reuse this loop (selection,
-  resume, reconstruction, freezing): `prepare_block(block, cfg)` adds the
-  method's state to a block's layers (and must be idempotent: resuming calls it
-  for finished blocks too), `groups(cfg)` maps Variable types to learning rates,
-  `loss(cfg, n_text, frames)` builds the reconstruction loss.
-  """
-  if cfg.calib.selection == "salient":
-    log(f"  scoring {len(pool)} candidates ({cfg.calib.salience} salience)")
-    scores = score_pool(fp_model, pool, cfg.calib.salience)
-  else:
-    scores = None
-  try:
-    idx = select_indices(scores, cfg.calib.num_samples, cfg.calib.selection,
-                         pool_size=len(pool), seed=cfg.seed)
-  except ValueError as e:
-    raise UserError(f"calib: {e}") from None
-  data = pool.take(idx)
-  video, text, temb = _batched(lambda x, c, t: _embed(fp_model, x, c, t),
-                               (data.latents, data.conditions, data.timesteps))
-  f, _, h, w = data.latents.shape[1:]
-  rotary = fp_model.rotary_embedding(f, h, w)
-  video_q, text_q = video, text
-  train_cfg = TrainConfig(cfg.distill.epochs, cfg.distill.batch_size, cfg.distill.lr_clip,
-                          cfg.distill.lr_smooth, cfg.seed)
-
-  ckpt = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "calibration")),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=1))
-  blocks = list(zip(fp_model.transformer_blocks, q_model.transformer_blocks))
-  done = ckpt.latest_step() or 0
-  if done:
-    for _, q_block in blocks[:done]:
-      prepare_block(q_block, cfg)
-      for _, layer in quantized_layers(q_block):
-        layer.freeze()  # placeholders with the right structure, overwritten by the restore
-    state = nnx.state(q_model, nnx.Any(QuantParam, Codes))
-    restored = ckpt.restore(done, args=ocp.args.StandardRestore(nnx.to_pure_dict(state)))
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(q_model, state)
-    log(f"  resumed after block {done}")
-
-  stats = []
-  for b, (fp_block, q_block) in enumerate(blocks):
-    if b < done:  # replay finished blocks to get the next block's inputs
-      video, text = _batched(lambda v, t, e: _apply_block(fp_block, v, t, e, rotary), (video, text, temb))
-      video_q, text_q = _batched(lambda v, t, e: _apply_block(q_block, v, t, e, rotary), (video_q, text_q, temb))
-      continue
-    start = time.perf_counter()
-    prepare_block(q_block, cfg)
-    layers = quantized_layers(q_block)
-    target_v, target_t = _batched(lambda v, t, e: _apply_block(fp_block, v, t, e, rotary), (video, text, temb))
-    n_tokens = text.shape[1] + video.shape[1]
-    if cfg.distill.token_weighting == "attention":
-      weights = np.asarray(token_weights(jnp.asarray(_importance(fp_block, video, text, temb, rotary)),
-                                         cfg.distill.lam_min, cfg.distill.lam_max))
-    else:
-      weights = np.ones((len(video), n_tokens), np.float32)
-    paths = {p for p, _ in layers}
-    if cfg.distill.smoothing:
-      with recording(q_block, paths) as collect:
-        _batched(lambda v, t, e: _apply_block(q_block, v, t, e, rotary), (video_q, text_q, temb))
-        _init_smoothing(layers, collect(), cfg.distill.smooth_alpha)
-    history = []
-    if cfg.distill.enabled:
-      try:
-        history = train_block(
-            q_block, BlockData(video_q, text_q, temb, target_v, target_t, weights), rotary,
-            train_cfg, mesh, groups=groups(cfg) if groups else None,
-            **({"loss": loss(cfg, text.shape[1], f)} if loss else {}))
-      except NonFiniteLoss as e:
-        _check_finite(b, layers)
-        raise UserError(f"calibration diverged in block {b} ({e}); every layer's parameters "
-                        "are finite, so the activations overflowed: lower the learning rates")
-      _check_finite(b, layers)
-    with recording(q_block, paths) as collect:
-      _batched(lambda v, t, e: _apply_block(q_block, v, t, e, rotary), (video_q, text_q, temb))
-      _freeze_block(layers, collect(), cfg.distill.gptq)
-    video_q, text_q = _batched(lambda v, t, e: _apply_block(q_block, v, t, e, rotary), (video_q, text_q, temb))
-    video, text = target_v, target_t
-    err = float(np.mean((np.concatenate([text_q, video_q], 1) -
-                         np.concatenate([target_t, target_v], 1)) ** 2))
-    state = nnx.state(q_model, nnx.Any(QuantParam, Codes))
-    ckpt.save(b + 1, args=ocp.args.StandardSave(nnx.to_pure_dict(state)))
-    ckpt.wait_until_finished()
-    stats.append({"block": b, "seconds": time.perf_counter() - start,
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                  "loss_first_epoch": history[0] if history else None,
-                  "loss_last_epoch": history[-1] if history else None,
-                  "output_mse_after_freeze": err})
-    log(f"  block {b + 1}/{len(blocks)}: {stats[-1]['seconds']:.1f}s, output MSE {err:.2e}"
-        + (f", loss {history[0]:.2e} → {history[-1]:.2e}" if history else ""))
-  return {"num_candidates": len(pool), "selected": idx.tolist(), "blocks": stats,
-          "devices": int(mesh.devices.size)}
+              mesh: jax.sharding.Mesh, log=print) -> dict[str, Any]:
+  """Calibrates q_model in place; returns what the report says about it."""
+  positions = select_positions(fp_model, pool, cfg, log)
+  data, selection = calibration_data(pool, positions, cfg)
+  log(f"  {len(data)} calibration inputs ({selection['uncond']} null-prompt), per sampler "
+      f"step: {selection['step_histogram']}")
+  stats = calibrate_blocks(q_model, fp_model, data, recipe(cfg), workdir, mesh, log)
+  return {"num_candidates": len(pool), "selection": selection, **stats}

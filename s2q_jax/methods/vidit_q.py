@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from s2q_jax.calibration import select_indices
 from s2q_jax.calibration.capture import recorded_batches
 from s2q_jax.calibration.pool import Pool
-from s2q_jax.calibration.rotation import hadamard_matrix
+from s2q_jax.methods.calibration_data import calibration_data, uniform_positions
+from s2q_jax.quant.rotation import hadamard_matrix
 from s2q_jax.quant.apply import quantized_layers, replace_module
 from s2q_jax.quant.qlinear import QuantLinear, Rotation, SmoothScale
 from s2q_jax.quant.timestep_ranges import TimestepRangeLinear, ensure_step_context, range_index
@@ -63,9 +63,7 @@ def balancing_vector(x_absmax: np.ndarray, kernel: jax.Array, alpha: float) -> j
 def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdir: str,
               mesh: jax.sharding.Mesh, log=print) -> dict[str, Any]:
   del workdir, mesh  # nothing is trained, so nothing to checkpoint or shard
-  idx = select_indices(None, cfg.calib.num_samples, "uniform", pool_size=len(pool),
-                       seed=cfg.seed)
-  data = pool.take(idx)
+  data, selection = calibration_data(pool, uniform_positions(pool, cfg), cfg)
   boundaries = timestep_boundaries(data.timesteps, cfg.vidit_q.timestep_ranges)
   layers = [(p, l) for p, l in quantized_layers(q_model) if l.a_bits is not None]
   log(f"  activation ranges of {len(layers)} layers over {len(data)} samples, "
@@ -82,5 +80,5 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
         sub.rotation = Rotation(hadamard_matrix(layer.in_features))
       per_range.append(sub)
     replace_module(q_model, path, TimestepRangeLinear(per_range, boundaries, context))
-  return {"num_candidates": len(pool), "selected": idx.tolist(),
+  return {"num_candidates": len(pool), "selection": selection,
           "timestep_boundaries": boundaries, "balanced_layers": len(layers)}

@@ -2,14 +2,17 @@
 
 It computes, for an input x and full-precision kernel W (K, N):
 
-    x̃ = (((x - z) / s) R)              shift z (K,), smoothing s (K,), rotation R (K, K): optional
-    Ŵ = Q_w(Rᵀ diag(s) W; clip)         per-output-channel codes × scales
-    y = Q_a(x̃) Ŵ + (b + z W)            Q_a: dynamic per-token, a_bits
+    x̃ = ((x - z) / s) R P               shift z (K,), smoothing s (K,), rotation R (K, K),
+                                        Kronecker transform P = P₁ ⊗ P₂: each optional
+    Ŵ = Q_w(P⁻¹ Rᵀ diag(s) W; c_w)      per-output-channel codes × scales, clipping c_w
+    y = Q_a(x̃; c_a) Ŵ + (b + z W)       Q_a: dynamic per-token, a_bits, clipping c_a
 
-Since x W = (((x - z) / s) R)(Rᵀ diag(s) W) + z W, the transforms change only
-what is quantized; z W folds into the stored bias. Everything a method learns is a Variable of its own type
-(`WeightClip`, `SmoothScale`, `Rotation`), so optimisers select parameter
-groups by type and the model's code never changes. `freeze()` stores the
+Since x W = (((x - z) / s) R P)(P⁻¹ Rᵀ diag(s) W) + z W, the transforms change
+only what is quantized; z W folds into the stored bias. Everything a method
+learns is a Variable of its own type (`WeightClip`, `ActClip`, `SmoothScale`,
+`Rotation`, `KroneckerFactor`), so optimisers select parameter groups by type
+and the model's code never changes. A type with `bounds` must be projected
+back into them after every optimiser step (`project`). `freeze()` stores the
 integer codes and scales that deployment will use, after which evaluation
 runs exactly the deployed arithmetic.
 
@@ -31,11 +34,16 @@ from flax import nnx
 
 from pallas_kernels import reference
 from s2q_jax.models.layers import Linear
-from s2q_jax.quant import quantizer
+from s2q_jax.quant import kronecker, quantizer
 
 
 class QuantParam(nnx.Param):
-  """Base type of every parameter quantization adds to a layer."""
+  """Base type of every parameter quantization adds to a layer.
+
+  `bounds` (lo, hi): the range the value is used in; optimisers project it back
+  there after every step (see `project`).
+  """
+  bounds: tuple[float, float] | None = None
 
 
 class WeightClip(QuantParam):
@@ -49,6 +57,19 @@ class WeightClip(QuantParam):
   sign-dependent gradient here, because gradients must stay linear in the loss
   (sharded sums and pmean must equal the full-batch gradient).
   """
+  bounds = (0.05, 1.0)
+
+
+class ActClip(QuantParam):
+  """Fraction of each token's absmax mapped to the top activation code, one per layer.
+
+  Used clamped to `bounds`; like `WeightClip`, projected there after each step.
+  """
+  bounds = (0.3, 1.0)
+
+
+class KroneckerFactor(QuantParam):
+  """P₁ or P₂ of a layer's learnable input transform P = P₁ ⊗ P₂ (see `quant.kronecker`)."""
 
 
 class SmoothScale(QuantParam):
@@ -67,7 +88,13 @@ class Codes(nnx.Variable):
   """Frozen integer weight codes (K, N) int8 and their (N,) scales: what deployment stores."""
 
 
-MIN_CLIP = 0.05
+MIN_CLIP = WeightClip.bounds[0]
+
+
+def project(value: jax.Array, variable_type: type) -> jax.Array:
+  """`value` clipped into `variable_type.bounds` (unchanged for types without bounds)."""
+  bounds = getattr(variable_type, "bounds", None)
+  return value if bounds is None else jnp.clip(value, *bounds)
 
 
 class QuantLinear(nnx.Module):
@@ -85,6 +112,9 @@ class QuantLinear(nnx.Module):
     self.shift: ChannelShift | None = nnx.data(None)
     self.smooth: SmoothScale | None = nnx.data(None)
     self.rotation: Rotation | None = nnx.data(None)
+    self.act_clip: ActClip | None = nnx.data(None)
+    self.transform_left: KroneckerFactor | None = nnx.data(None)
+    self.transform_right: KroneckerFactor | None = nnx.data(None)
     self.codes: Codes | None = nnx.data(None)
     self.scales: Codes | None = nnx.data(None)
 
@@ -101,6 +131,17 @@ class QuantLinear(nnx.Module):
       return None
     return quantizer.round_to_storage(self.smooth[...].astype(jnp.float32))
 
+  def transform_factors(self) -> tuple[jax.Array, jax.Array] | None:
+    """(P₁, P₂) as deployed (float16 values), or None."""
+    if self.transform_left is None:
+      return None
+    return tuple(quantizer.round_to_storage(v[...].astype(jnp.float32))
+                 for v in (self.transform_left, self.transform_right))
+
+  def activation_clip(self) -> jax.Array | None:
+    """() activation clipping factor in `ActClip.bounds`, or None (min-max)."""
+    return None if self.act_clip is None else project(self.act_clip[...], ActClip)
+
   def transform_input(self, x: jax.Array) -> jax.Array:
     if self.shift is not None:
       x = x - self.shift_vector().astype(x.dtype)
@@ -108,15 +149,25 @@ class QuantLinear(nnx.Module):
       x = x / self.smooth_vector().astype(x.dtype)
     if self.rotation is not None:
       x = jnp.matmul(x, self.rotation[...].astype(x.dtype))
+    if self.transform_left is not None:
+      x = kronecker.apply(x, *self.transform_factors())
     return x
 
+  def quantize_input(self, xt: jax.Array) -> jax.Array:
+    """Fake-quantized transformed input Q_a(x̃; c_a) (x̃ itself for float activations)."""
+    if self.a_bits is None:
+      return xt
+    return quantizer.fake_quant_activations(xt, self.a_bits, self.activation_clip())
+
   def effective_kernel(self) -> jax.Array:
-    """Rᵀ diag(s) W in float32: the full-precision weight that is quantized."""
+    """P⁻¹ Rᵀ diag(s) W in float32: the full-precision weight that is quantized."""
     w = self.kernel[...].astype(jnp.float32)
     if self.smooth is not None:
       w = w * self.smooth_vector()[:, None]
     if self.rotation is not None:
       w = self.rotation[...].astype(jnp.float32).T @ w
+    if self.transform_left is not None:
+      w = kronecker.fold_inverse(w, *self.transform_factors())
     return w
 
   def effective_bias(self) -> jax.Array | None:
@@ -130,7 +181,7 @@ class QuantLinear(nnx.Module):
 
   def clip_factor(self) -> jax.Array:
     """(N,) clipping factors in [MIN_CLIP, 1] that the weight scales use."""
-    return jnp.clip(self.clip[...], MIN_CLIP, 1.0)
+    return project(self.clip[...], WeightClip)
 
   def weight_scales(self) -> jax.Array:
     """(N,) scales of the current (unfrozen) state: those GPTQ must round for."""
@@ -154,8 +205,7 @@ class QuantLinear(nnx.Module):
     xt = self.transform_input(x.astype(jnp.float32))
     if self.codes is not None and self.a_bits is not None:
       return self._deployed_arithmetic(xt).astype(dtype)
-    if self.a_bits is not None:
-      xt = quantizer.fake_quant_activations(xt, self.a_bits)
+    xt = self.quantize_input(xt)
     y = jnp.matmul(xt, self.dequantized_kernel(), preferred_element_type=jnp.float32)
     bias = self.effective_bias()
     return (y if bias is None else y + bias).astype(dtype)
@@ -163,7 +213,7 @@ class QuantLinear(nnx.Module):
   def _deployed_arithmetic(self, xt: jax.Array) -> jax.Array:
     """Frozen layers compute exactly what the deployed kernels compute: int8 codes, int32 sums."""
     x2 = xt.reshape(-1, xt.shape[-1])
-    x_codes, x_scales = reference.quantize_activations(x2, self.a_bits)
+    x_codes, x_scales = reference.quantize_activations(x2, self.a_bits, self.activation_clip())
     bias = self.effective_bias()
     y = reference.int_matmul(x_codes, x_scales, self.codes[...].T, self.scales[...], bias,
                              jnp.float32)
@@ -209,4 +259,8 @@ class QuantLinear(nnx.Module):
       out["smooth"] = self.smooth_vector()
     if self.rotation is not None:
       out["rotation"] = self.rotation[...]
+    if self.transform_left is not None:
+      out["transform_left"], out["transform_right"] = self.transform_factors()
+    if self.act_clip is not None:
+      out["act_clip"] = self.activation_clip().reshape(1)
     return out

@@ -15,9 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import reference
 from pallas_kernels.bits import check_bits, qrange  # noqa: F401  (re-exported)
 
-_TINY = 1e-8  # scale of an all-zero channel or token: any positive value reproduces the zeros
 # How checkpoints store weight scales and smoothing vectors: float16 (as GPTQ/AWQ
 # checkpoints do) halves float32's bytes and keeps a 2⁻¹¹ relative error, 4× finer
 # than bf16; a scale error moves every weight of its channel.
@@ -63,18 +63,21 @@ def fake_quant_weights(w: jax.Array, bits: int, clip: jax.Array | None = None) -
   return quantize(wf, scales, bits) * scales
 
 
-def activation_scales(x: jax.Array, bits: int) -> jax.Array:
+def activation_scales(x: jax.Array, bits: int, clip: jax.Array | None = None) -> jax.Array:
   """(..., 1) scales of each token (row of the last axis), computed from the data itself.
 
-  The scale is held constant for gradients (the STE then treats in-range values as
-  passed through), so a token's gradient does not depend on which entry is its max.
+  The token's absmax is held constant for gradients (the STE then treats in-range
+  values as passed through), so a token's gradient does not depend on which entry
+  is its max. A learned `clip` factor scales it and does get a gradient: LSQ's,
+  round(x/s) − x/s from the values in range and ±(2^(b−1)) from the saturated ones.
+  The formula is the deployed one (`pallas_kernels.reference.activation_scales`).
   """
-  absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  return jnp.maximum(jax.lax.stop_gradient(absmax), _TINY) / qrange(bits)[1]
+  absmax = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
+  return reference.activation_scales(absmax, bits, clip)
 
 
-def fake_quant_activations(x: jax.Array, bits: int) -> jax.Array:
-  """Dynamic per-token quantize → dequantize, computed in float32."""
+def fake_quant_activations(x: jax.Array, bits: int, clip: jax.Array | None = None) -> jax.Array:
+  """Dynamic per-token quantize → dequantize, computed in float32; `clip` see above."""
   xf = x.astype(jnp.float32)
-  scale = activation_scales(xf, bits)
+  scale = activation_scales(xf, bits, clip)
   return (quantize(xf, scale, bits) * scale).astype(x.dtype)

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from s2q_jax.quant import quantizer
 from s2q_jax.quant.qlinear import QuantLinear, QuantParam
 
 
@@ -72,9 +71,7 @@ class TokenAwareLinear(QuantLinear):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = super().__call__(x)
-    xt = self.transform_input(x.astype(jnp.float32))
-    if self.a_bits is not None:
-      xt = quantizer.fake_quant_activations(xt, self.a_bits)
+    xt = self.quantize_input(self.transform_input(x.astype(jnp.float32)))
     extra = branch(xt, self.lowrank_a[...], self.lowrank_b[...], self.frame_scale[...],
                    self.n_text)
     return (y.astype(jnp.float32) + extra).astype(y.dtype)

@@ -139,6 +139,20 @@ def ddim_step(schedule: DDIMSchedule, v: jax.Array, step: int | jax.Array,
   return (coef_x * x32 + coef_x0 * x0).astype(x.dtype)
 
 
+def predicted_x0(schedule: DDIMSchedule, step: jax.Array, x: jax.Array,
+                 x_prev: jax.Array) -> jax.Array:
+  """The x̂₀ a DDIM step at index `step` used, recovered from its input x and output x_prev.
+
+  `ddim_step` computes x_prev = coef_x · x + coef_x0 · x̂₀ with coef_x0 > 0 for
+  every step (the previous ᾱ is always larger), so x̂₀ follows exactly; under
+  guidance it is the guided prediction. `step` may be per sample (B,).
+  """
+  coef = jnp.asarray(schedule.coefficients)[jnp.asarray(step)]
+  shape = coef.shape[:-1] + (1,) * (x.ndim - coef.ndim + 1)
+  coef_x, coef_x0 = coef[..., 2].reshape(shape), coef[..., 3].reshape(shape)
+  return (x_prev.astype(jnp.float32) - coef_x * x.astype(jnp.float32)) / coef_x0
+
+
 def guided(denoise_fn: Denoiser, x: jax.Array, cond: jax.Array, uncond: jax.Array, t: jax.Array,
            guidance_scale: float) -> jax.Array:
   """Classifier-free guidance: v_u + g (v_c − v_u), both halves in one batched call.

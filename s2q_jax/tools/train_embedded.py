@@ -1,13 +1,15 @@
 """Trains the small class-conditional video DiT shipped as the default model.
 
-  python -m s2q_jax.tools.train_embedded --config configs/train_embedded.py
+  python -m s2q_jax.tools.train_embedded --config configs/train_embedded.py:base
+  python -m s2q_jax.tools.train_embedded --config configs/train_embedded.py:refine
 
 v-prediction on procedural videos (`s2q_jax.data.procedural`) with the
 CogVideoX noise schedule the sampler uses, classifier-free-guidance dropout
 and an EMA of the weights. Checkpoints every `checkpoint_every` steps and
-resumes from the last one; at the end the EMA weights are written in
-diffusers format to `config.output` (the EMA weights if `ema_decay` > 0),
-with the condition embeddings beside.
+resumes from the last one; at the end the weights are written in diffusers
+format to `config.output` (the EMA weights if `ema_decay` > 0), with the
+condition embeddings beside. `config.init_from` starts from an exported model
+(a warm restart of the learning-rate schedule) instead of random weights.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ml_collections import config_flags
 from conversion.flax_to_diffusers import save_diffusers
 from conversion.output_dir import atomic_output_dir
 from s2q_jax.data import procedural
-from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
+from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
 from s2q_jax.conditions import save_conditions
 from s2q_jax.sampling import add_noise, make_schedule, v_target
 
@@ -69,10 +71,21 @@ class EMA(nnx.Module):
                                self.params, current)
 
 
+def _warm_start(model: nnx.Module, folder: str) -> None:
+  """Copies the weights of the exported model in `folder` (same architecture) into `model`."""
+  source = load_pretrained(folder, "float32")
+  if source.config != model.config:
+    raise SystemExit(f"error: init_from {folder} has another architecture than config.model")
+  nnx.update(model, nnx.state(source, nnx.Param))
+  print(f"initialised from {folder}")
+
+
 def main(_) -> int:
   cfg = _CONFIG.value
   model_cfg = CogVideoXConfig.from_dict(dict(cfg.model))
   model = CogVideoXTransformer3D(model_cfg, rngs=nnx.Rngs(cfg.seed))
+  if cfg.init_from:
+    _warm_start(model, cfg.init_from)
   lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.num_steps,
                                           cfg.learning_rate * 0.05)
   tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),

@@ -1,0 +1,190 @@
+"""The block-wise calibration loop that S²Q-VDiT and Q-VDiT share, driven by a `BlockRecipe`.
+
+For each transformer block in turn: the full-precision block on
+full-precision inputs gives the target; the quantized block gets the
+outputs of the already-quantized blocks before it; the recipe's state is
+added and trained to match (activation quantization on); the integer codes
+are then fixed (GPTQ on the learned scales, or round-to-nearest) and the
+state is checkpointed, so a rerun with the same workdir resumes at the next
+block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from s2q_jax.calibration.capture import recording
+from s2q_jax.calibration.gptq import accumulate_hessian, gptq_quantize
+from s2q_jax.calibration.pool import Pool
+from s2q_jax.distillation import attention_token_importance, token_weights
+from s2q_jax.distillation.block_reconstruction import (BlockData, LossFn, NonFiniteLoss,
+                                                       TrainConfig, train_block)
+from s2q_jax.errors import UserError
+from s2q_jax.quant import QuantLinear, SmoothScale
+from s2q_jax.quant.apply import quantized_layers
+from s2q_jax.quant.qlinear import Codes, QuantParam
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRecipe:
+  """What a block-wise method does to each block.
+
+  `prepare_block(block)` adds the method's state to a block's quantized layers;
+  it must be idempotent (resuming calls it on finished blocks too, to rebuild
+  the structure the checkpoint restores into). `groups` maps the learned
+  Variable types to learning rates; `loss(n_text, frames)` builds the
+  reconstruction loss (None: the token-weighted MSE).
+  """
+  prepare_block: Callable[[nnx.Module], None]
+  groups: dict[type, float]
+  train: TrainConfig
+  loss: Callable[[int, int], LossFn] | None = None
+  token_weighting: str = "attention"  # attention | uniform
+  lam_min: float = 0.5
+  lam_max: float = 1.0
+  smooth_alpha: float | None = None  # SmoothQuant start of existing SmoothScales (None: keep)
+  gptq: bool = True
+  enabled: bool = True  # False: no training, only the start values and the freeze
+
+
+@nnx.jit
+def _apply_block(block, video, text, temb, rotary):
+  return block(video, text, temb, rotary)
+
+
+@nnx.jit
+def _embed(model, latents, conditions, timesteps):
+  return model.embed(latents, conditions, timesteps)
+
+
+def _batched(fn: Callable, arrays: tuple, batch: int = 8):
+  outs = [fn(*(a[i:i + batch] for a in arrays)) for i in range(0, len(arrays[0]), batch)]
+  return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0])))
+
+
+@nnx.jit
+def _block_importance(block, video, text, temb, rotary):
+  n_v, n_t, _, _ = block.norm1(video, text, temb)
+  q, k, _ = block.attn1.project(jnp.concatenate([n_t, n_v], axis=1), text.shape[1], rotary)
+  return (attention_token_importance(q, k, block_size=256),)
+
+
+def init_smoothing(layers: list[tuple[str, QuantLinear]], inputs: dict, alpha: float) -> None:
+  """SmoothQuant: s_j = max|X_j|^α / max|W_j|^(1−α), clamped to [1e-2, 1e2], from raw inputs."""
+  for path, layer in layers:
+    x_max = jnp.max(jnp.stack([jnp.abs(x).reshape(-1, x.shape[-1]).max(0)
+                               for x in inputs[path]]), axis=0)
+    w_max = jnp.abs(layer.kernel[...].astype(jnp.float32)).max(axis=1)
+    s = jnp.clip(x_max ** alpha / jnp.maximum(w_max, 1e-8) ** (1 - alpha), 1e-2, 1e2)
+    layer.smooth = SmoothScale(s)
+
+
+def freeze_block(layers, inputs: dict, use_gptq: bool) -> None:
+  """Fixes each layer's codes: GPTQ for its current scales on `inputs`, or round-to-nearest."""
+  for path, layer in layers:
+    if not use_gptq:
+      layer.freeze()
+      continue
+    h = None
+    for x in inputs[path]:
+      h = accumulate_hessian(h, x)
+    layer.freeze(gptq_quantize(layer.effective_kernel(), h, layer.weight_scales(),
+                               bits=layer.w_bits))
+
+
+def _check_finite(block_index: int, layers) -> None:
+  for path, layer in layers:
+    for name, var in vars(layer).items():
+      if isinstance(var, QuantParam) and not bool(jnp.all(jnp.isfinite(var[...]))):
+        raise UserError(f"calibration diverged in block {block_index}: layer {path} has "
+                        f"non-finite {name}; lower the distill learning rates")
+
+
+def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, recipe: BlockRecipe,
+                     workdir: str, mesh: jax.sharding.Mesh, log=print) -> dict[str, Any]:
+  """Calibrates q_model's blocks in place on the model inputs `data`; per-block statistics."""
+  video, text, temb = _batched(lambda x, c, t: _embed(fp_model, x, c, t),
+                               (data.latents, data.conditions, data.timesteps))
+  f, _, h, w = data.latents.shape[1:]
+  rotary = fp_model.rotary_embedding(f, h, w)
+  video_q, text_q = video, text
+  run = lambda block, v, t, e: _batched(  # noqa: E731
+      lambda v_, t_, e_: _apply_block(block, v_, t_, e_, rotary), (v, t, e))
+
+  ckpt = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "calibration")),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=1))
+  blocks = list(zip(fp_model.transformer_blocks, q_model.transformer_blocks))
+  done = ckpt.latest_step() or 0
+  if done:
+    for _, q_block in blocks[:done]:
+      recipe.prepare_block(q_block)
+      for _, layer in quantized_layers(q_block):
+        layer.freeze()  # placeholders with the right structure, overwritten by the restore
+    state = nnx.state(q_model, nnx.Any(QuantParam, Codes))
+    restored = ckpt.restore(done, args=ocp.args.StandardRestore(nnx.to_pure_dict(state)))
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(q_model, state)
+    log(f"  resumed after block {done}")
+
+  stats = []
+  for b, (fp_block, q_block) in enumerate(blocks):
+    if b < done:  # replay finished blocks to get the next block's inputs
+      video, text = run(fp_block, video, text, temb)
+      video_q, text_q = run(q_block, video_q, text_q, temb)
+      continue
+    start = time.perf_counter()
+    recipe.prepare_block(q_block)
+    layers = quantized_layers(q_block)
+    paths = {p for p, _ in layers}
+    target_v, target_t = run(fp_block, video, text, temb)
+    if recipe.token_weighting == "attention":
+      importance = _batched(lambda v, t, e: _block_importance(fp_block, v, t, e, rotary),
+                            (video, text, temb))[0]
+      weights = np.asarray(token_weights(jnp.asarray(importance), recipe.lam_min,
+                                         recipe.lam_max))
+    else:
+      weights = np.ones((len(video), text.shape[1] + video.shape[1]), np.float32)
+    smoothed = [(p, l) for p, l in layers if l.smooth is not None]
+    if recipe.smooth_alpha is not None and smoothed:
+      with recording(q_block, {p for p, _ in smoothed}, transformed=False) as collect:
+        run(q_block, video_q, text_q, temb)
+        init_smoothing(smoothed, collect(), recipe.smooth_alpha)
+    history = []
+    if recipe.enabled:
+      try:
+        history = train_block(
+            q_block, BlockData(video_q, text_q, temb, target_v, target_t, weights), rotary,
+            recipe.train, mesh, groups=recipe.groups,
+            **({"loss": recipe.loss(text.shape[1], f)} if recipe.loss else {}))
+      except NonFiniteLoss as e:
+        _check_finite(b, layers)
+        raise UserError(f"calibration diverged in block {b} ({e}); every layer's parameters "
+                        "are finite, so the activations overflowed: lower the learning rates")
+      _check_finite(b, layers)
+    with recording(q_block, paths) as collect:
+      run(q_block, video_q, text_q, temb)
+      freeze_block(layers, collect(), recipe.gptq)
+    video_q, text_q = run(q_block, video_q, text_q, temb)
+    video, text = target_v, target_t
+    err = float(np.mean((np.concatenate([text_q, video_q], 1) -
+                         np.concatenate([target_t, target_v], 1)) ** 2))
+    state = nnx.state(q_model, nnx.Any(QuantParam, Codes))
+    ckpt.save(b + 1, args=ocp.args.StandardSave(nnx.to_pure_dict(state)))
+    ckpt.wait_until_finished()
+    stats.append({"block": b, "seconds": time.perf_counter() - start,
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "loss_first_epoch": history[0] if history else None,
+                  "loss_last_epoch": history[-1] if history else None,
+                  "output_mse_after_freeze": err})
+    log(f"  block {b + 1}/{len(blocks)}: {stats[-1]['seconds']:.1f}s, output MSE {err:.2e}"
+        + (f", loss {history[0]:.2e} → {history[-1]:.2e}" if history else ""))
+  return {"blocks": stats, "devices": int(mesh.devices.size)}

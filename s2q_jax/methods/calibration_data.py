@@ -1,0 +1,50 @@
+"""The model inputs a method calibrates on: chosen pool positions and their null-prompt twins.
+
+Under classifier-free guidance (g > 1) every sampler step runs the model on
+the conditional and the null-prompt input, and the guided prediction
+amplifies the errors of both (v_u + g (v_c − v_u)). So, with
+`calib.uncond` (the default, as the official ViDiT-Q / Q-VDiT code does),
+each chosen position contributes both inputs and `calib.num_samples` counts
+model inputs: num_samples / 2 positions.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from s2q_jax.calibration import select_indices
+from s2q_jax.calibration.pool import Pool
+from s2q_jax.errors import UserError
+
+
+def uses_uncond(cfg) -> bool:
+  """Whether calibration includes the null-prompt inputs (only sampled under guidance > 1)."""
+  return bool(cfg.calib.uncond) and cfg.sampler.guidance_scale > 1
+
+
+def num_positions(cfg, pool_size: int) -> int:
+  """How many pool positions give `calib.num_samples` model inputs."""
+  n = cfg.calib.num_samples
+  if uses_uncond(cfg):
+    if n % 2:
+      raise UserError(f"calib.num_samples={n} must be even with calib.uncond=True: each chosen "
+                      "step gives its conditional and its null-prompt input")
+    n //= 2
+  if not 1 <= n <= pool_size:
+    raise UserError(f"calib.num_samples={cfg.calib.num_samples} needs {n} of the pool's "
+                    f"{pool_size} positions: raise calib.num_prompts or lower calib.num_samples")
+  return n
+
+
+def uniform_positions(pool: Pool, cfg) -> np.ndarray:
+  """Positions evenly spaced over the pool (every step, prompts in turn)."""
+  return select_indices(None, num_positions(cfg, len(pool)), "uniform", pool_size=len(pool))
+
+
+def calibration_data(pool: Pool, positions: np.ndarray, cfg) -> tuple[Pool, dict]:
+  """(model inputs, the report's `selection` entry) for the chosen pool positions."""
+  data = pool.model_inputs(positions, uses_uncond(cfg))
+  num_steps = int(pool.steps.max()) + 1
+  summary = {"positions": np.asarray(positions).tolist(),
+             "step_histogram": np.bincount(data.steps, minlength=num_steps).tolist(),
+             "uncond": len(data) - len(positions)}
+  return data, summary
