@@ -1,4 +1,5 @@
-"""`s2q_jax.compare`: one run per (bits, method), shared FP videos and pool, resumable outputs."""
+"""`s2q_jax.compare`: one run per (seed, bits, method), shared FP videos and pool per seed,
+mean ± std over seeds, resumable outputs."""
 import json
 
 import numpy as np
@@ -16,40 +17,65 @@ def _tiny(cfg):
 def grid(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("compare"))
   variants = {m: (m, {}) for m in ("rtn", "qvd")}
-  return workdir, variants, compare.run_grid(workdir, ["w4a6", "w3a6"], variants, _tiny)
+  return workdir, variants, compare.run_grid(workdir, ["w4a6", "w3a6"], variants, _tiny,
+                                             seeds=(0, 1))
 
 
-def test_every_method_sees_the_same_videos_and_pool(grid):
+def test_every_method_sees_the_same_videos_and_pool_within_a_seed(grid):
   workdir, _, reports = grid
-  assert [(r["bits"], r["method"]) for r in reports] == [
-      ("w4a6", "rtn"), ("w4a6", "qvd"), ("w3a6", "rtn"), ("w3a6", "qvd")]
-  with np.load(f"{workdir}/fp_videos.npz") as f:
-    assert f["videos"].shape[0] == 2
-  assert all(r["eval"]["conditions"] == reports[0]["eval"]["conditions"] for r in reports)
-  psnr = {(r["bits"], r["method"]): r["metrics"]["psnr"] for r in reports}
-  assert psnr[("w4a6", "rtn")] > psnr[("w3a6", "rtn")]  # fewer bits, worse videos
+  assert [(r["seed"], r["bits"], r["method"]) for r in reports] == [
+      (s, b, m) for s in (0, 1) for b in ("w4a6", "w3a6") for m in ("rtn", "qvd")]
+  videos = []
+  for seed in (0, 1):
+    with np.load(f"{workdir}/seed{seed}/fp_videos.npz") as f:
+      assert f["videos"].shape[0] == 2
+      videos.append(f["videos"])
+  assert not np.allclose(videos[0], videos[1])  # a seed changes the evaluation noise
+  assert all(r["eval"]["seed"] == r["seed"] for r in reports)
+  psnr = {(r["seed"], r["bits"], r["method"]): r["metrics"]["psnr"] for r in reports}
+  for seed in (0, 1):
+    assert psnr[(seed, "w4a6", "rtn")] > psnr[(seed, "w3a6", "rtn")]  # fewer bits, worse
+
+
+def test_summary_is_mean_and_sample_std_over_seeds(grid):
+  _, _, reports = grid
+  summary = compare.summarize(reports)
+  assert [(s["method"], s["bits"]) for s in summary] == [
+      ("rtn", "w4a6"), ("qvd", "w4a6"), ("rtn", "w3a6"), ("qvd", "w3a6")]
+  for s in summary:
+    for m in compare.METRICS:
+      values = [r["metrics"][m] for r in reports if (r["name"], r["bits"]) ==
+                (s["method"], s["bits"])]
+      assert s["seeds"] == [0, 1]
+      assert s["metrics"][m]["mean"] == pytest.approx(np.mean(values))
+      assert s["metrics"][m]["std"] == pytest.approx(np.std(values, ddof=1))
+      assert s["metrics"][m]["std"] > 0  # different noise, different numbers
 
 
 def test_outputs_and_resume(grid, monkeypatch):
   workdir, variants, reports = grid
   table, paths = compare.write_outputs(workdir, reports)
   with open(f"{workdir}/comparison.json") as f:
-    results = json.load(f)["results"]
-  assert [r["method"] for r in results] == ["rtn", "qvd", "rtn", "qvd"]
-  assert set(results[0]) == {"method", "bits", "metrics", "size", "timing"}
-  assert results[0]["size"]["compression"] > 3
-  assert table.count("\n") == 5 and "| W3A6 | qvd |" in table
+    out = json.load(f)
+  assert [r["method"] for r in out["results"]] == ["rtn", "qvd"] * 4
+  assert set(out["results"][0]) == {"method", "bits", "seed", "metrics", "size", "timing"}
+  assert out["results"][0]["size"]["compression"] > 3
+  assert set(out["summary"][0]["metrics"]["psnr"]) == {"mean", "std"}
+  assert table.count("\n") == 5 and "| W3A6 | qvd | 2 |" in table and " ± " in table
   with open(paths[-1], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
   def no_rerun(cfg):
     raise AssertionError(f"{cfg.workdir} ran again")
   monkeypatch.setattr(job, "run", no_rerun)
-  again = compare.run_grid(workdir, ["w4a6", "w3a6"], variants, _tiny)
+  again = compare.run_grid(workdir, ["w4a6", "w3a6"], variants, _tiny, seeds=(0, 1))
   assert [r["metrics"] for r in again] == [r["metrics"] for r in reports]
 
 
-def test_bad_method_is_a_usage_error(capsys):
+def test_bad_method_or_seeds_is_a_usage_error(capsys):
   with pytest.raises(SystemExit):
     compare.main(["--methods", "rtn,magic", "--workdir", "/tmp/unused"])
   assert "unknown method(s) magic" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    compare.main(["--seeds", "0,x", "--workdir", "/tmp/unused"])
+  assert "comma-separated integers" in capsys.readouterr().err

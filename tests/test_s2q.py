@@ -80,20 +80,134 @@ def test_calibration_runs_freezes_and_is_deterministic(calibrated, tmp_path):
   assert all(np.array_equal(c1[k], c2[k]) for k in c1)
 
 
+def test_every_learned_part_is_learned(calibrated):
+  """Weight and activation clipping, smoothing and the Kronecker transform all moved."""
+  _, q, _ = calibrated
+  layers = [l for _, l in quant.quantized_layers(q)]
+  moved = lambda values, start: any(not np.allclose(v, start) for v in values)  # noqa: E731
+  assert moved([l.clip[...] for l in layers], 1.0)
+  assert moved([l.act_clip[...] for l in layers], 1.0)
+  assert moved([l.smooth[...] for l in layers], 1.0)
+  assert moved([l.transform_left[...] - np.eye(l.transform_left.shape[0]) for l in layers], 0.0)
+  assert moved([l.transform_right[...] - np.eye(l.transform_right.shape[0]) for l in layers],
+               0.0)
+
+
 @pytest.mark.parametrize("rotation", [False, True])
 def test_learned_parts_fold_into_the_deployed_checkpoint(calibrated, tmp_path, rotation):
   fp, q, _ = _calibrate(tmp_path / "rotated", rotation=True) if rotation else calibrated
   if rotation:
     assert all(layer.rotation is not None for _, layer in quant.quantized_layers(q))
-  assert any(layer.smooth is not None for _, layer in quant.quantized_layers(q))
   deploy.export_quantized(q, str(tmp_path / "export"))
-  deployed = load_pretrained(str(tmp_path / "export"), backend="interpret")
+  deployed = load_pretrained(str(tmp_path / "export"), backend="reference")
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((1, 2, 3, 8, 8)), jnp.float32)
   c = jnp.asarray(rng.standard_normal((1, 4, 16)), jnp.float32)
   t = jnp.array([400])
   ref, fq, out = fp(x, c, t), q(x, c, t), deployed(x, c, t)
-  assert float(jnp.linalg.norm(out - fq)) < 0.05 * float(jnp.linalg.norm(fq - ref))
+  # The same integer arithmetic on the same stored values: equal up to float rounding.
+  assert float(jnp.linalg.norm(out - fq)) < 1e-3 * float(jnp.linalg.norm(fq - ref))
+
+
+def _block_chain(model, data):
+  """Each block's (text; video) output when `model` runs on the calibration inputs."""
+  video, text, temb = model.embed(data.latents, data.conditions, data.timesteps)
+  rotary = model.rotary_embedding(*data.latents.shape[1:2], *data.latents.shape[3:])
+  outs = []
+  for block in model.transformer_blocks:
+    video, text = block(video, text, temb, rotary)
+    outs.append(np.concatenate([np.asarray(text), np.asarray(video)], axis=1))
+  return outs
+
+
+def test_each_block_reconstructs_better_than_round_to_nearest(calibrated):
+  """On the calibration inputs, every calibrated block is closer to its full-precision
+  target than round-to-nearest is; the report's per-block errors are the real ones."""
+  fp, q, stats = calibrated
+  _, rtn, pool = _setup()
+  quant.freeze_all(rtn)
+  data = pool.model_inputs(np.asarray(stats["selection"]["positions"]), True)
+  fp_out = _block_chain(fp, data)
+  rtn_out, s2q_out = _block_chain(rtn, data), _block_chain(q, data)
+  for b, target in enumerate(fp_out):
+    s2q_err = np.mean((s2q_out[b] - target) ** 2)
+    assert s2q_err < np.mean((rtn_out[b] - target) ** 2), b
+  # The report's error of the last block compares the same two chains (computed in other
+  # batches there, so a few activation codes may round the other way).
+  assert stats["blocks"][-1]["output_mse_after_freeze"] == pytest.approx(
+      np.mean((s2q_out[-1] - fp_out[-1]) ** 2), rel=2e-2)
+
+
+def test_gptq_codes_beat_round_to_nearest_for_the_learned_scales(calibrated):
+  """What GPTQ is for: lower layer output error on the calibration inputs, same scales."""
+  from s2q_jax.calibration.capture import recording  # pylint: disable=import-outside-toplevel
+  fp, q, stats = calibrated
+  data = _setup()[2].model_inputs(np.asarray(stats["selection"]["positions"]), True)
+  video, text, temb = fp.embed(data.latents, data.conditions, data.timesteps)
+  block = q.transformer_blocks[0]
+  layers = quant.quantized_layers(block)
+  with recording(block, {p for p, _ in layers}) as collect:
+    block(video, text, temb, fp.rotary_embedding(2, 8, 8))
+    inputs = collect()
+  gptq_err = rtn_err = 0.0
+  for path, layer in layers:
+    x = np.concatenate([np.asarray(v).reshape(-1, layer.in_features) for v in inputs[path]])
+    w = np.asarray(layer.effective_kernel(), np.float64)
+    scales = np.asarray(layer.scales[...], np.float64)
+    rtn_codes = np.clip(np.round(w / scales), *quant.qrange(layer.w_bits))
+    gptq_err += np.sum((x @ (w - np.asarray(layer.codes[...]) * scales)) ** 2)
+    rtn_err += np.sum((x @ (w - rtn_codes * scales)) ** 2)
+  assert gptq_err < 0.95 * rtn_err
+
+
+def test_token_weights_are_the_full_precision_attention(tmp_path, monkeypatch):
+  """λ of block 0 = min-max of the attention each token receives (dense softmax here)."""
+  from s2q_jax.methods import blockwise  # pylint: disable=import-outside-toplevel
+  seen = []
+
+  def capture(block, data, *args, **kwargs):
+    seen.append(data)
+    raise KeyboardInterrupt  # one block is enough
+  monkeypatch.setattr(blockwise, "train_block", capture)
+  fp, q, pool = _setup()
+  cfg = _job_config()
+  with pytest.raises(KeyboardInterrupt):
+    s2q.calibrate(q, fp, pool, cfg, str(tmp_path), jax.make_mesh((1,), ("data",)),
+                  log=lambda *_: None)
+  positions = s2q.select_positions(fp, pool, cfg, log=lambda *_: None)
+  data = pool.model_inputs(positions, True)
+  video, text, temb = fp.embed(data.latents, data.conditions, data.timesteps)
+  block = fp.transformer_blocks[0]
+  n_v, n_t, _, _ = block.norm1(video, text, temb)
+  qh, kh, _ = block.attn1.project(jnp.concatenate([n_t, n_v], 1), text.shape[1],
+                                  fp.rotary_embedding(2, 8, 8))
+  d = qh.shape[-1]
+  attn = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", qh, kh) / np.sqrt(d), axis=-1)
+  received = np.asarray(attn.sum(axis=(1, 2)), np.float64)
+  lo, hi = received.min(1, keepdims=True), received.max(1, keepdims=True)
+  expected = 0.5 + 0.5 * (received - lo) / (hi - lo)
+  np.testing.assert_allclose(seen[0].weights, expected, atol=1e-4)
+  # Calibration inputs: the chosen steps' conditional inputs, then their null-prompt twins.
+  half = len(data) // 2
+  np.testing.assert_array_equal(data.latents[:half], data.latents[half:])
+  np.testing.assert_array_equal(data.conditions[half:], np.zeros_like(data.conditions[half:]))
+
+
+def test_smoothing_starts_from_smoothquant(tmp_path):
+  """Without training, the smoothing of block 0's adaLN modulation is SmoothQuant's
+  max|X|^½ / max|W|^½ over its calibration inputs silu(temb), computed here directly."""
+  fp, q, pool = _setup()
+  cfg = _job_config()
+  cfg.distill.enabled = False
+  stats = s2q.calibrate(q, fp, pool, cfg, str(tmp_path), jax.make_mesh((1,), ("data",)),
+                        log=lambda *_: None)
+  data = pool.model_inputs(np.asarray(stats["selection"]["positions"]), True)
+  _, _, temb = fp.embed(data.latents, data.conditions, data.timesteps)
+  x_max = np.abs(np.asarray(jax.nn.silu(temb))).max(0)
+  w_max = np.abs(np.asarray(fp.transformer_blocks[0].norm1.linear.kernel[...])).max(1)
+  expected = np.clip(np.sqrt(x_max) / np.sqrt(w_max), 1e-2, 1e2)
+  np.testing.assert_allclose(q.transformer_blocks[0].norm1.linear.smooth[...], expected,
+                             rtol=1e-5)
 
 
 def test_resume_after_interruption_gives_the_same_result(calibrated, tmp_path):

@@ -37,9 +37,14 @@ def round_to_storage(x: jax.Array) -> jax.Array:
 
 
 def quantize(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
-  """Integer codes of x / scale (in x's float dtype, so gradients pass)."""
+  """Integer codes of x / scale (in x's float dtype, so gradients pass).
+
+  Clipped before rounding (the same codes, as the bounds are integers), so that
+  values past the range count as saturated for the scale's gradient, as in LSQ:
+  round(x/s) − x/s in range, the bound outside.
+  """
   lo, hi = qrange(bits)
-  return jnp.clip(round_ste(x / scale), lo, hi)
+  return round_ste(jnp.clip(x / scale, lo, hi))
 
 
 def weight_scales(w: jax.Array, bits: int, clip: jax.Array | None = None) -> jax.Array:
