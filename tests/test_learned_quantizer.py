@@ -9,10 +9,11 @@ from flax import nnx
 from pallas_kernels import quantize_weight, reference, w4a6_matmul
 from s2q_jax import deploy, quant
 from s2q_jax.distillation.block_reconstruction import BlockData, TrainConfig, train_block
-from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
+from s2q_jax.models import CogVideoXTransformer3D
 from s2q_jax.models.layers import Linear
 from s2q_jax.quant import kronecker, quantizer
 from s2q_jax.quant.qlinear import ActClip, KroneckerFactor, WeightClip
+from tiny import ONE_BLOCK
 
 
 def _x(shape, seed):
@@ -115,11 +116,7 @@ def test_kernels_apply_the_activation_clip(backend):
 
 
 def test_deployed_layer_equals_frozen_fake_quant_with_every_learned_part(tmp_path):
-  cfg = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, in_channels=3,
-                        out_channels=3, time_embed_dim=32, text_embed_dim=16, num_layers=1,
-                        sample_width=8, sample_height=8, sample_frames=5, patch_size=4,
-                        max_text_seq_length=4, use_rotary_positional_embeddings=True)
-  model = CogVideoXTransformer3D(cfg, rngs=nnx.Rngs(0))
+  model = CogVideoXTransformer3D(ONE_BLOCK, rngs=nnx.Rngs(0))
   quant.quantize_model(model, quant.make_rules(4, 6))
   for i, (_, layer) in enumerate(quant.quantized_layers(model)):
     _learned(layer, seed=10 + i)
@@ -136,11 +133,7 @@ def test_deployed_layer_equals_frozen_fake_quant_with_every_learned_part(tmp_pat
 
 def test_bounded_parameters_are_projected_after_every_step():
   """A huge learning rate pushes clipping factors out of range; they must come back."""
-  cfg = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, in_channels=3,
-                        out_channels=3, time_embed_dim=32, text_embed_dim=16, num_layers=1,
-                        sample_width=8, sample_height=8, sample_frames=5, patch_size=4,
-                        max_text_seq_length=4, use_rotary_positional_embeddings=True)
-  model = CogVideoXTransformer3D(cfg, rngs=nnx.Rngs(0))
+  model = CogVideoXTransformer3D(ONE_BLOCK, rngs=nnx.Rngs(0))
   quant.quantize_model(model, quant.make_rules(3, 4))
   block = model.transformer_blocks[0]
   for _, layer in quant.quantized_layers(block):

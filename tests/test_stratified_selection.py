@@ -11,8 +11,9 @@ from s2q_jax.calibration.selection import band_quotas, salient_scores, stratifie
 from s2q_jax.evaluation import report as report_lib
 from s2q_jax.job_config import base_config
 from s2q_jax.methods.calibration_data import calibration_data
-from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
+from s2q_jax.models import CogVideoXTransformer3D
 from s2q_jax.sampling import ddim_step, make_schedule, predicted_x0
+from tiny import ONE_BLOCK
 
 
 @pytest.mark.parametrize("sizes, n, weights, expected", [
@@ -75,11 +76,7 @@ def test_predicted_x0_inverts_the_ddim_step():
 
 @pytest.fixture(scope="module")
 def pool():
-  cfg = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, in_channels=3,
-                        out_channels=3, time_embed_dim=32, text_embed_dim=16, num_layers=1,
-                        sample_width=8, sample_height=8, sample_frames=5, patch_size=4,
-                        max_text_seq_length=4, use_rotary_positional_embeddings=True)
-  model = CogVideoXTransformer3D(cfg, rngs=nnx.Rngs(0))
+  model = CogVideoXTransformer3D(ONE_BLOCK, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   cond = rng.standard_normal((2, 4, 16)).astype(np.float32)
   noise = rng.standard_normal((2, 2, 3, 8, 8)).astype(np.float32)
