@@ -95,9 +95,12 @@ class _Stages:
     start = time.perf_counter()
     try:
       yield
-    except OSError as e:  # writes not wrapped by `outputs` (orbax checkpoints, the export)
-      where = f"{e.filename}: " if e.filename else ""
-      raise UserError(f"{where}{e.strerror or e} (while {what})") from None
+    except Exception as e:  # writes not wrapped by `outputs` (orbax checkpoints, the export)
+      reason = outputs.write_failure(e)
+      if reason is None:
+        raise
+      where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+      raise UserError(f"{where}{reason} (while {what})") from None
     self.timing[name] = time.perf_counter() - start
     print(f"    done in {self.timing[name]:.1f}s", flush=True)
 
@@ -242,8 +245,13 @@ def _bf16_file_bytes(model, workdir: str) -> int:
   counts config.json.
   """
   folder = os.path.join(workdir, ".fp_bf16_size_probe")
-  with atomic_output_dir(folder, overwrite=True) as tmp:
-    save_diffusers(model, tmp, dtype="bfloat16")
+  try:
+    with atomic_output_dir(folder, overwrite=True) as tmp:
+      save_diffusers(model, tmp, dtype="bfloat16")
+  except Exception as e:  # pylint: disable=broad-except
+    if (reason := outputs.write_failure(e)) is None:
+      raise
+    raise UserError(f"cannot write {folder}: {reason}") from None
   size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
              if f.endswith(".safetensors"))
   shutil.rmtree(folder)

@@ -22,6 +22,16 @@ def io_error(path: str, e: OSError, verb: str = "write") -> UserError:
   return UserError(f"cannot {verb} {path}: {e.strerror or e}")
 
 
+def write_failure(e: Exception) -> str | None:
+  """The OS's reason when `e` is a failed write (OSError, or safetensors' wrapped I/O error)."""
+  if isinstance(e, OSError):
+    return e.strerror or str(e)
+  text = str(e)  # SafetensorError: "Error while serializing: I/O error: No space left on device (os error 28)"
+  if type(e).__name__ == "SafetensorError" and "I/O error: " in text:
+    return text.rsplit("I/O error: ", 1)[1].split(" (os error")[0]
+  return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """Yields a temporary path beside `path`; it replaces `path` only if the block succeeds."""

@@ -131,3 +131,17 @@ def test_cli_warns_about_missing_fields_then_names_bad_weights(tmp_path):
                        "NaN or Inf weights in 1 tensor: proj_out.kernel; the checkpoint is "
                        "corrupt or was saved from a diverged training run")
   assert not (tmp_path / "w").exists()
+
+
+def test_disk_full_inside_safetensors_is_one_line(tmp_path, monkeypatch):
+  from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
+
+  def full_disk(model, folder, dtype):
+    raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                          "(os error 28)")
+  monkeypatch.setattr(job, "save_diffusers", full_disk)
+  workdir = tmp_path / "w"
+  with pytest.raises(UserError) as e:
+    job.run(tiny_config(workdir, **{"eval.num_videos": 1}))
+  assert str(e.value) == f"cannot write {workdir}/.fp_bf16_size_probe: No space left on device"
+  assert os.listdir(workdir) == ["fingerprint.json"]
