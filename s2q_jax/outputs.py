@@ -55,19 +55,20 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj: Any) -> None:
   """Strict JSON (no NaN/Infinity, which strict parsers reject): ±inf becomes null."""
-  write_text(path, json.dumps(strict(obj), indent=2, allow_nan=False))
+  write_text(path, json.dumps(strict(obj, os.path.basename(path)), indent=2, allow_nan=False))
 
 
-def strict(obj: Any) -> Any:
-  """`obj` with ±inf floats as None; NaN is a bug upstream and raises."""
+def strict(obj: Any, where: str = "") -> Any:
+  """`obj` with ±inf floats as None; a NaN is a bug upstream and stops with its key path."""
   if isinstance(obj, float) and not np.isfinite(obj):
     if np.isnan(obj):
-      raise ValueError("NaN in a report: the job should have stopped at the stage that made it")
+      raise UserError(f"NaN at {where}: the stage that computed it should have stopped the "
+                      "job; please report this")
     return None
   if isinstance(obj, Mapping):
-    return {k: strict(v) for k, v in obj.items()}
+    return {k: strict(v, f"{where}.{k}") for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [strict(v) for v in obj]
+    return [strict(v, f"{where}[{i}]") for i, v in enumerate(obj)]
   return obj
 
 

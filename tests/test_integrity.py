@@ -62,8 +62,8 @@ def test_report_is_strict_json_with_its_fingerprint(finished):
 def test_strict_json_turns_inf_to_null_and_refuses_nan(tmp_path):
   outputs.write_json(str(tmp_path / "r.json"), {"psnr": float("inf"), "x": [1.0]})
   assert _strict_load(tmp_path / "r.json") == {"psnr": None, "x": [1.0]}
-  with pytest.raises(ValueError, match="NaN"):
-    outputs.write_json(str(tmp_path / "n.json"), {"psnr": float("nan")})
+  with pytest.raises(UserError, match=r"NaN at n\.json\.m\[1\]"):
+    outputs.write_json(str(tmp_path / "n.json"), {"m": [1.0, float("nan")]})
   assert not os.path.exists(tmp_path / "n.json")
 
 
