@@ -12,20 +12,26 @@ once) and candidate pool (DIR/seed<s>/pool.npz, built once). Writes
 DIR/comparison.json (one row per run, plus `summary`: mean and sample std
 over seeds), DIR/comparison.md and DIR/comparison.png. Interrupted? Run the
 same command again: finished runs (a report.json) are kept and S²Q resumes
-at its next block.
+at its next block, as long as their fingerprint (settings, model files, code)
+matches what would run now; a run made otherwise is deleted and run again.
+
+Exit codes: 0 done; 1 a run stopped (one `error:` line); 2 a bad command line.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
 
-from s2q_jax import job
-from s2q_jax.errors import UserError
+from s2q_jax import embedded, fingerprint, job, outputs
+from s2q_jax import workdir as workdir_lib
+from s2q_jax.errors import UserError, show_warning
 from s2q_jax.job_config import base_config
 from s2q_jax.methods import METHODS
 from s2q_jax.quant import parse_bits
@@ -47,27 +53,49 @@ def run_grid(workdir: str, bits_list: Sequence[str], variants: dict[str, tuple[s
       for name, (method, overrides) in variants.items():
         folder = os.path.join(seed_dir, f"{bits}_{name}")
         report_path = os.path.join(folder, "report.json")
-        if os.path.exists(report_path):
-          print(f"=== seed {seed} {bits} {name}: done before, reusing {report_path}", flush=True)
+        cfg = base_config(w_bits, a_bits, method)
+        cfg.seed = seed
+        cfg.workdir = folder
+        cfg.calib.pool_path = os.path.join(seed_dir, "pool.npz")
+        cfg.eval.fp_videos_path = os.path.join(seed_dir, "fp_videos.npz")
+        for key, value in overrides.items():
+          *parents, leaf = key.split(".")
+          node = cfg
+          for p in parents:
+            node = node[p]
+          node[leaf] = value
+        if configure:
+          configure(cfg)
+        label = f"seed {seed} {bits} {name}"
+        stale = _stale(folder, fingerprint.of_run(cfg, cfg.model.path or embedded.path()))
+        if os.path.exists(report_path) and not stale:
+          print(f"=== {label}: done before, reusing {report_path}", flush=True)
         else:
-          print(f"\n=== seed {seed} {bits} {name} ===", flush=True)
-          cfg = base_config(w_bits, a_bits, method)
-          cfg.seed = seed
-          cfg.workdir = folder
-          cfg.calib.pool_path = os.path.join(seed_dir, "pool.npz")
-          cfg.eval.fp_videos_path = os.path.join(seed_dir, "fp_videos.npz")
-          for key, value in overrides.items():
-            *parents, leaf = key.split(".")
-            node = cfg
-            for p in parents:
-              node = node[p]
-            node[leaf] = value
-          if configure:
-            configure(cfg)
+          if stale:  # compare owns these folders: recompute into a clean one, never mix
+            print(f"=== {label}: {folder} was made with {stale}; running again", flush=True)
+            shutil.rmtree(folder)
+          print(f"\n=== {label} ===", flush=True)
           job.run(cfg)
         with open(report_path) as f:
           reports.append({"name": name, "bits": bits, "seed": seed, **json.load(f)})
   return reports
+
+
+def _stale(folder: str, now: dict) -> str | None:
+  """What differs between the run stored in `folder` and `now`; None if nothing (or no run)."""
+  if not os.path.isdir(folder):
+    return None
+  stored = workdir_lib.stored_fingerprint(folder)
+  report_path = os.path.join(folder, "report.json")
+  if os.path.exists(report_path):
+    try:
+      with open(report_path) as f:
+        stored = json.load(f).get("fingerprint")
+    except (OSError, ValueError):
+      return "an unreadable report.json"
+  if stored is None:
+    return "no fingerprint (an older s2q-jax)" if os.listdir(folder) else None
+  return fingerprint.describe(stored, now) or None
 
 
 def summarize(reports: list[dict]) -> list[dict]:
@@ -79,7 +107,11 @@ def summarize(reports: list[dict]) -> list[dict]:
   for (name, bits), rows in groups.items():
     metrics = {}
     for m in METRICS:
-      values = np.array([r["metrics"][m] for r in rows], np.float64)
+      values = [r["metrics"][m] for r in rows]
+      if any(v is None for v in values):  # null: the inf PSNR of identical videos
+        metrics[m] = {"mean": None, "std": None}
+        continue
+      values = np.array(values, np.float64)
       std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
       metrics[m] = {"mean": float(values.mean()), "std": std}
     out.append({"method": name, "bits": bits, "seeds": [r["seed"] for r in rows],
@@ -95,10 +127,13 @@ def markdown_table(summary: list[dict]) -> str:
   for s in summary:
     for m in ("psnr", "ssim"):
       key = (s["bits"], m)
-      best[key] = max(best.get(key, -np.inf), s["metrics"][m]["mean"])
+      mean = s["metrics"][m]["mean"]
+      best[key] = max(best.get(key, -np.inf), np.inf if mean is None else mean)
 
   def cell(s, m, digits):
     v = s["metrics"][m]
+    if v["mean"] is None:
+      return "—"
     text = f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
     return f"**{text}**" if m in ("psnr", "ssim") and v["mean"] == best[(s["bits"], m)] else text
 
@@ -123,6 +158,7 @@ def plot(summary: list[dict], path: str) -> None:
     for name in dict.fromkeys(s["method"] for s in summary):
       rows = {s["bits"]: s["metrics"][metric] for s in summary if s["method"] == name}
       nan = {"mean": float("nan"), "std": float("nan")}
+      rows = {b: v if v["mean"] is not None else nan for b, v in rows.items()}
       ax.errorbar([b.upper() for b in bits], [rows.get(b, nan)["mean"] for b in bits],
                   yerr=[rows.get(b, nan)["std"] for b in bits], fmt="o-", capsize=3, label=name)
     ax.set_xlabel("bits")
@@ -141,12 +177,10 @@ def write_outputs(workdir: str, reports: list[dict], stem: str = "comparison"
               "size": r["size"], "timing": r["timing"]} for r in reports]
   summary = summarize(reports)
   paths = {ext: os.path.join(workdir, f"{stem}.{ext}") for ext in ("json", "md", "png")}
-  with open(paths["json"], "w") as f:
-    json.dump({"results": results, "summary": summary}, f, indent=2)
+  outputs.write_json(paths["json"], {"results": results, "summary": summary})
   table = markdown_table(summary)
-  with open(paths["md"], "w") as f:
-    f.write(table + "\n")
-  plot(summary, paths["png"])
+  outputs.write_text(paths["md"], table + "\n")
+  outputs.write_with(paths["png"], lambda tmp: plot(summary, tmp))
   return table, list(paths.values())
 
 
@@ -178,13 +212,17 @@ def main(argv=None) -> int:
       parse_bits(b)
   except ValueError as e:
     parser.error(str(e))
-  os.makedirs(args.workdir, exist_ok=True)
+  warnings.showwarning = show_warning
   try:
+    try:
+      os.makedirs(args.workdir, exist_ok=True)
+    except OSError as e:
+      raise outputs.io_error(args.workdir, e) from None
     reports = run_grid(args.workdir, bits_list, {m: (m, {}) for m in methods}, seeds=seeds)
+    table, paths = write_outputs(args.workdir, reports)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
-  table, paths = write_outputs(args.workdir, reports)
+    return 1
   print("\n" + table + "\n\n" + "\n".join(f"wrote {p}" for p in paths))
   return 0
 

@@ -11,7 +11,10 @@ import json
 import os
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
+
+from conversion.checkpoint_files import CheckpointError
 
 CONDITIONS_NAME = "conditions.safetensors"
 
@@ -33,6 +36,16 @@ def load_conditions(folder: str) -> tuple[np.ndarray, list[str]]:
   """(embeddings (num_prompts + 1, L, D), names) from a model folder."""
   path = os.path.join(folder, CONDITIONS_NAME)
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  with safe_open(path, framework="numpy") as f:
-    names = json.loads((f.metadata() or {}).get("names", "[]"))
-  return load_file(path)["embeddings"], names
+  try:
+    with safe_open(path, framework="numpy") as f:
+      names = json.loads((f.metadata() or {}).get("names", "[]"))
+    table = load_file(path)["embeddings"]
+  except (SafetensorError, OSError, ValueError, KeyError) as e:
+    raise CheckpointError(f"{path} is not a readable conditions file (corrupt or truncated?): "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+  if table.ndim != 3 or len(table) != len(names) + 1:
+    raise CheckpointError(f"{path} holds {table.shape[0] if table.ndim else 0} embeddings for "
+                          f"{len(names)} names: expected one per name plus the null condition")
+  if not np.all(np.isfinite(table)):
+    raise CheckpointError(f"{path} has NaN or Inf values in its embeddings")
+  return table, names

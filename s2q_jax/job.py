@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
 import shutil
 import time
@@ -17,7 +17,8 @@ from conversion.checkpoint_files import CheckpointError
 from conversion.flax_to_diffusers import save_diffusers
 from conversion.output_dir import atomic_output_dir
 from s2q_jax import conditions as conditions_lib
-from s2q_jax import deploy, embedded, quant
+from s2q_jax import deploy, embedded, finite, fingerprint, outputs, quant
+from s2q_jax import workdir as workdir_lib
 from s2q_jax.data import gif
 from s2q_jax.errors import UserError
 from s2q_jax.evaluation import metrics, report as report_lib
@@ -50,20 +51,6 @@ def validate(cfg: ConfigDict) -> None:
                     f"of {', '.join(BACKENDS)}")
 
 
-def prepare_workdir(path: str) -> str:
-  path = os.path.abspath(path)
-  try:
-    os.makedirs(os.path.join(path, "videos"), exist_ok=True)
-    probe = os.path.join(path, ".write-test")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"cannot write to workdir {path} ({e.strerror}): "
-                    "choose another with --config.workdir") from None
-  return path
-
-
 def load_model(cfg: ConfigDict):
   """(model, folder, display name) for config.model.path (empty: the embedded model)."""
   folder = cfg.model.path or embedded.path()
@@ -72,6 +59,8 @@ def load_model(cfg: ConfigDict):
     return load_pretrained(folder, cfg.model.dtype), folder, name
   except (CheckpointError, UnsupportedConfigError, FileNotFoundError) as e:
     raise UserError(f"model.path {folder!r} is not a supported model: {e}") from None
+  except OSError as e:
+    raise outputs.io_error(e.filename or folder, e, "read") from None
 
 
 def eval_inputs(cfg: ConfigDict, model, folder: str):
@@ -79,7 +68,10 @@ def eval_inputs(cfg: ConfigDict, model, folder: str):
   n = cfg.eval.num_videos
   mc = model.config
   if conditions_lib.has_conditions(folder):
-    table, names = conditions_lib.load_conditions(folder)
+    try:
+      table, names = conditions_lib.load_conditions(folder)
+    except CheckpointError as e:
+      raise UserError(f"model.path {folder!r}: {e}") from None
     idx = np.arange(n) % len(names)
     cond, uncond, names = table[idx], table[-1], [names[i] for i in idx]
   else:  # a real CogVideoX: no text encoder here, so random stand-in "prompts"
@@ -92,7 +84,7 @@ def eval_inputs(cfg: ConfigDict, model, folder: str):
 
 
 class _Stages:
-  """Times named stages and prints progress."""
+  """Times named stages and prints progress; an I/O failure ends the job with one line."""
 
   def __init__(self):
     self.timing: dict[str, float] = {}
@@ -101,14 +93,21 @@ class _Stages:
   def __call__(self, name: str, what: str):
     print(f"[{len(self.timing) + 1}] {what}...", flush=True)
     start = time.perf_counter()
-    yield
+    try:
+      yield
+    except Exception as e:  # writes not wrapped by `outputs` (orbax checkpoints, the export)
+      reason = outputs.write_failure(e)
+      if reason is None:
+        raise
+      where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+      raise UserError(f"{where}{reason} (while {what})") from None
     self.timing[name] = time.perf_counter() - start
     print(f"    done in {self.timing[name]:.1f}s", flush=True)
 
 
 def run(cfg: ConfigDict) -> dict[str, Any]:
   validate(cfg)
-  workdir = prepare_workdir(cfg.workdir)
+  workdir_lib.probe_writable(cfg.workdir)  # fails fast, but creates nothing yet
   if cfg.calib.distributed:
     jax.distributed.initialize()  # multi-host: every host runs this same command
   if cfg.compilation_cache:
@@ -123,9 +122,12 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
       rules = quant.rules_from_config(cfg.quant)
     except ValueError as e:
       raise UserError(f"quant config: {e}") from None
+    # Only now, with the inputs known good, does the workdir come into being.
+    run_fingerprint = fingerprint.of_run(cfg, folder)
+    workdir = workdir_lib.open_workdir(os.path.abspath(cfg.workdir), run_fingerprint)
   gen = dict(num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale)
   with stage("fp_generation", f"generating {len(noise)} full-precision videos"):
-    fp_videos = _fp_videos(cfg, model, model_name, noise, cond, uncond, gen)
+    fp_videos = _fp_videos(cfg, model, folder, noise, cond, uncond, gen)
   fp_bytes = _bf16_file_bytes(model, workdir)
   calibrator = CALIBRATORS[cfg.method]
   fp_model = nnx.clone(model) if calibrator else None
@@ -156,12 +158,16 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
              + (f" from the exported checkpoint ({backend} kernels)" if backend else "")):
     q_model = load_pretrained(export_dir, backend=backend) if backend else model
     q_videos = generate(q_model, noise, cond, uncond, label="quantized", **gen)
+    finite.check_arrays("quantized generation", {"videos": q_videos},
+                        "the quantized model overflows; try more bits or another method")
   with stage("evaluation", "evaluating and writing videos"):
     scores = metrics.summarize(fp_videos, q_videos)
+    finite.check_metrics(scores)
     videos = []
     for i, (fp, q, name) in enumerate(zip(fp_videos, q_videos, names)):
       path = os.path.join(workdir, "videos", f"{i:02d}_{_slug(name)}.gif")
-      gif.save_side_by_side(path, [fp, q], scale=cfg.eval.gif_scale)
+      outputs.write_with(path, lambda tmp, fp=fp, q=q: gif.save_side_by_side(
+          tmp, [fp, q], scale=cfg.eval.gif_scale))
       videos.append(path)
   report = {
       "method": cfg.method, "w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits,
@@ -178,6 +184,7 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
                "conditions": names},
       "videos": videos,
       "calibration": calibration,
+      "fingerprint": run_fingerprint,  # `compare` reruns a finished run whose settings differ
   }
   json_path, md_path = report_lib.write_report(workdir, report)
   print("\n" + report_lib.summary_table(report))
@@ -186,41 +193,48 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
   return report
 
 
-def _fp_videos(cfg: ConfigDict, model, model_name: str, noise, cond, uncond, gen: dict):
+def _cache_key(cfg: ConfigDict, folder: str, prefixes: tuple[str, ...], **extra) -> dict:
+  """A cache's fingerprint: the model files, the code and the settings under `prefixes`."""
+  return {"model files": fingerprint.model_digest(folder), "code": fingerprint.code_version(),
+          **{k: v for k, v in fingerprint.settings(cfg).items() if k.startswith(prefixes)},
+          **extra}
+
+
+def _fp_videos(cfg: ConfigDict, model, folder: str, noise, cond, uncond, gen: dict):
   """The full-precision videos, from `eval.fp_videos_path` when it holds these very ones."""
   path = os.path.expanduser(cfg.eval.fp_videos_path)
-  key = json.dumps({"model": cfg.model.path or model_name, "dtype": cfg.model.dtype,
-                    "seed": cfg.seed, "shape": list(noise.shape), **gen}, sort_keys=True)
-  if path and os.path.exists(path):
-    with np.load(path) as f:
-      if str(f["key"]) == key:
-        print(f"  reusing {path}")
-        return f["videos"]
-    print(f"  {path} holds other videos; generating")
+  key = _cache_key(cfg, folder, ("seed", "model.", "sampler."), shape=list(noise.shape))
+  cached = outputs.load_npz(path, key)
+  if cached is not None:
+    return cached["videos"]
   videos = generate(model, noise, cond, uncond, label="full precision", **gen)
+  finite.check_arrays("full-precision generation", {"videos": videos},
+                      "the model's activations overflow; try --config.model.dtype=float32")
   if path:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, videos=videos, key=np.asarray(key))
-    os.replace(tmp, path)
+    outputs.save_npz(path, {"videos": videos}, key)
   return videos
 
 
 def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str) -> pool_lib.Pool:
   """The FP sampler's trajectories on calibration prompts, cached in the workdir."""
   path = os.path.expanduser(cfg.calib.pool_path) or os.path.join(workdir, "pool.npz")
-  if os.path.exists(path):
-    pool = pool_lib.load_pool(path)
-    if pool is not None:
-      print(f"  reusing {path}")
-      return pool
-    print(f"  {path} was written by another version; rebuilding it")
+  # What the pool depends on: the selection and training keys are not among them, so
+  # methods and ablations that differ only there share one pool (code changes count).
+  key = _cache_key(cfg, folder, ("seed", "model.", "sampler.", "calib.num_prompts",
+                                 "eval.frames", "eval.height", "eval.width"))
+  cached = outputs.load_npz(path, key)
+  if cached is not None:
+    return pool_lib.Pool(**cached)
   calib = cfg.copy_and_resolve_references()
   calib.eval.num_videos = cfg.calib.num_prompts
   calib.seed = cfg.seed + 1  # calibration noise differs from evaluation noise
   noise, cond, uncond, _ = eval_inputs(calib, fp_model, folder)
   pool = pool_lib.build_pool(fp_model, cond, uncond, noise, num_steps=cfg.sampler.num_steps,
                              guidance_scale=cfg.sampler.guidance_scale)
-  pool_lib.save_pool(path, pool)
+  finite.check_arrays("calibration pool (full-precision sampler)",
+                      {f.name: getattr(pool, f.name) for f in dataclasses.fields(pool)},
+                      "the model's activations overflow; try --config.model.dtype=float32")
+  outputs.save_npz(path, dataclasses.asdict(pool), key)
   return pool
 
 
@@ -231,8 +245,13 @@ def _bf16_file_bytes(model, workdir: str) -> int:
   counts config.json.
   """
   folder = os.path.join(workdir, ".fp_bf16_size_probe")
-  with atomic_output_dir(folder, overwrite=True) as tmp:
-    save_diffusers(model, tmp, dtype="bfloat16")
+  try:
+    with atomic_output_dir(folder, overwrite=True) as tmp:
+      save_diffusers(model, tmp, dtype="bfloat16")
+  except Exception as e:  # pylint: disable=broad-except
+    if (reason := outputs.write_failure(e)) is None:
+      raise
+    raise UserError(f"cannot write {folder}: {reason}") from None
   size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
              if f.endswith(".safetensors"))
   shutil.rmtree(folder)

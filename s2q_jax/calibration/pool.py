@@ -9,7 +9,6 @@ position's conditional input followed by its null-prompt twin.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +17,6 @@ from flax import nnx
 from s2q_jax.calibration.salience import diffusion_salience
 from s2q_jax.generation import sampler
 from s2q_jax.sampling import make_schedule, predicted_x0
-
-# Written into pool files: a file of another layout is rebuilt, never misread.
-FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -80,16 +76,3 @@ def build_pool(model: nnx.Module, conditions: np.ndarray, uncond: np.ndarray, no
               conditions=np.tile(np.asarray(conditions), (s, 1, 1)),
               null_condition=np.asarray(uncond, np.float32))
 
-
-def save_pool(path: str, pool: Pool) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, format_version=FORMAT_VERSION, **dataclasses.asdict(pool))
-  os.replace(tmp, path)
-
-
-def load_pool(path: str) -> Pool | None:
-  """The pool stored at `path`, or None if it was written in another layout."""
-  with np.load(path) as f:
-    if "format_version" not in f.files or int(f["format_version"]) != FORMAT_VERSION:
-      return None
-    return Pool(**{k: f[k] for k in f.files if k != "format_version"})

@@ -1,21 +1,19 @@
 """The main job's outputs: report.json, report.md and the printed summary."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
+
+from s2q_jax.outputs import write_json, write_text
 
 
 def write_report(workdir: str, report: dict[str, Any]) -> tuple[str, str]:
   """Writes report.json and report.md into `workdir`; returns their paths."""
   json_path = os.path.join(workdir, "report.json")
   md_path = os.path.join(workdir, "report.md")
-  tmp = json_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=2)
-  os.replace(tmp, json_path)
-  with open(md_path, "w") as f:
-    f.write(to_markdown(report))
+  # report.md first: report.json marks a finished run (`compare` reuses it), so it comes last.
+  write_text(md_path, to_markdown(report))
+  write_json(json_path, report)  # strict JSON; PSNR of identical videos (inf) is null
   return json_path, md_path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any
 
 DIFFUSERS_CLASS_NAME = "CogVideoXTransformer3DModel"
@@ -14,6 +15,27 @@ _IGNORED_FIELDS = frozenset({"_class_name", "_diffusers_version", "_name_or_path
 
 class UnsupportedConfigError(ValueError):
   """The config asks for something this implementation does not support."""
+
+
+class MissingConfigFieldWarning(UserWarning):
+  """A config.json lacks a field that changes the model's function; its default is taken."""
+
+
+def warn_missing_fields(d: dict[str, Any], origin: str) -> None:
+  """Warns naming each architecture field `d` lacks and the default taken for it.
+
+  Every field of `CogVideoXConfig` changes the computed function (metadata such
+  as `_diffusers_version` is not a field), and a model trained with another
+  value silently computes something else, e.g. 2B-style sincos positions for a
+  5B that needs RoPE.
+  """
+  missing = [f for f in dataclasses.fields(CogVideoXConfig) if f.name not in d]
+  if missing:
+    warnings.warn(
+        f"{origin} has no {', '.join(f.name for f in missing)}: taking the default"
+        f"{'s' if len(missing) > 1 else ''} {', '.join(f'{f.name}={f.default!r}' for f in missing)} "
+        "(diffusers fills the same defaults); add the field if the model was trained otherwise",
+        MissingConfigFieldWarning, stacklevel=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,4 +132,5 @@ class CogVideoXConfig:
         d = json.load(f)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    warn_missing_fields(d, str(path))
     return cls.from_dict(d)

@@ -20,7 +20,7 @@ from flax import nnx
 from conversion import keymap
 from conversion.checkpoint_files import CheckpointError, TensorSource, config_path
 from s2q_jax.models.cogvideox import CogVideoXTransformer3D
-from s2q_jax.models.config import CogVideoXConfig
+from s2q_jax.models.config import CogVideoXConfig, warn_missing_fields
 from s2q_jax.models.params import flat_params, load_flat_params, param_shapes
 
 FORMAT_KEY = "_s2q_jax"
@@ -122,6 +122,7 @@ def _read_config(folder: str) -> tuple[CogVideoXConfig, dict]:
     except json.JSONDecodeError as e:
       raise CheckpointError(f"{folder}/config.json is not valid JSON: {e}") from None
   meta = raw.pop(FORMAT_KEY, {})
+  warn_missing_fields(raw, config_path(folder))
   return CogVideoXConfig.from_dict(raw), meta
 
 
@@ -134,6 +135,31 @@ def load_pretrained(path: str, dtype=None, *, allow_pickle: bool = False,
   matmul kernels of a quantized checkpoint (see `pallas_kernels.BACKENDS`).
   """
   path = os.fspath(path)
+  model = _load(path, dtype, allow_pickle, backend)
+  check_finite_weights(model, path)
+  return model
+
+
+def check_finite_weights(model: nnx.Module, path: str, show: int = 3) -> None:
+  """Raises `CheckpointError` naming the tensors with NaN or Inf values (up to `show` of them).
+
+  A non-finite weight otherwise runs to the end and reports NaN metrics, or
+  fails much later in an unrelated-looking stage.
+  """
+  bad = []
+  for key, var in nnx.to_flat_state(nnx.state(model)):
+    value = var.get_value() if hasattr(var, "get_value") else var
+    if (isinstance(value, (jax.Array, np.ndarray)) and jnp.issubdtype(value.dtype, jnp.floating)
+        and not bool(jnp.all(jnp.isfinite(value)))):
+      bad.append(".".join(str(k) for k in key))
+  if bad:
+    more = f" and {len(bad) - show} more" if len(bad) > show else ""
+    raise CheckpointError(f"{path} has NaN or Inf weights in {len(bad)} tensor"
+                          f"{'s' if len(bad) > 1 else ''}: {', '.join(bad[:show])}{more}; "
+                          "the checkpoint is corrupt or was saved from a diverged training run")
+
+
+def _load(path: str, dtype, allow_pickle: bool, backend: str) -> CogVideoXTransformer3D:
   config, meta = _read_config(path)
   if meta.get("format") == "quantized":
     from s2q_jax.deploy import load_quantized  # pylint: disable=import-outside-toplevel
