@@ -2,9 +2,10 @@
 
   python -m s2q_jax.tools.ablation --bits w4a6 --seeds 0,1,2 --workdir workdir/ablation
 
-Variants: s2q (default), the paper's literal global salient selection, uniform
-selection, uniform token weights, no learned Kronecker transform, no learned
-activation clipping. Runs share the model, evaluation noise and conditions,
+Variants: s2q (default), the paper's literal global salient selection, band
+quotas ∝ diffusion salience, x̂₀ diffusion salience, uniform selection,
+uniform token weights, no learned Kronecker transform, no learned activation
+clipping. With `--workdir` of a `compare` run the s2q rows are reused. Runs share the model, evaluation noise and conditions,
 FP videos and candidate pool of each seed (`s2q_jax.compare`, whose runner
 this uses); finished runs are not run again. Writes ablation.json / .md / .png.
 """
@@ -18,6 +19,8 @@ from s2q_jax.compare import parse_seeds, run_grid, write_outputs
 VARIANTS = {
     "s2q": ("s2q", {}),
     "salient (literal)": ("s2q", {"calib.selection": "salient"}),
+    "band quota by salience": ("s2q", {"calib.band_quota": "salience"}),
+    "x0 diffusion salience": ("s2q", {"calib.diffusion_salience": "x0"}),
     "uniform selection": ("s2q", {"calib.selection": "uniform"}),
     "uniform token weights": ("s2q", {"distill.token_weighting": "uniform"}),
     "no learned transform": ("s2q", {"distill.transform": "none"}),
