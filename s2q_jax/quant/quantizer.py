@@ -39,12 +39,18 @@ def round_to_storage(x: jax.Array) -> jax.Array:
 def quantize(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
   """Integer codes of x / scale (in x's float dtype, so gradients pass).
 
-  Clipped before rounding (the same codes, as the bounds are integers), so that
-  values past the range count as saturated for the scale's gradient, as in LSQ:
-  round(x/s) − x/s in range, the bound outside.
+  Gradients are LSQ's: x / scale passes straight through where it rounds into
+  the range ([lo − ½, hi + ½)) and is constant where it saturates, so the
+  scale's gradient is round(x/s) − x/s in range and the bound outside. The
+  boundary is half a step past the top code on purpose: a token's absmax lands
+  on hi itself up to float rounding, and a boundary there would flip its
+  gradient with the summation order (different on 1 and 8 devices).
   """
   lo, hi = qrange(bits)
-  return round_ste(jnp.clip(x / scale, lo, hi))
+  r = x / scale
+  codes = jax.lax.stop_gradient(jnp.clip(jnp.round(r), lo, hi))
+  inside = (r >= lo - 0.5) & (r < hi + 0.5)
+  return jnp.where(inside, r + jax.lax.stop_gradient(codes - r), codes)
 
 
 def weight_scales(w: jax.Array, bits: int, clip: jax.Array | None = None) -> jax.Array:
