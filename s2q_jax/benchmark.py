@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -121,7 +122,7 @@ def run(preset: str, backends: list[str], reps: int, storage_only: bool) -> dict
   return result
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
   parser.add_argument("--backends", default="auto",
@@ -136,7 +137,8 @@ def main(argv=None) -> None:
   if bad := [b for b in backends if b not in BACKENDS]:
     parser.error(f"unknown back-end(s) {', '.join(bad)}: choose from {', '.join(BACKENDS)}")
   preset = args.preset or ("small" if jax.default_backend() == "cpu" else "cogvideox-2b")
-  result = run(preset, backends, args.reps, args.storage_only)
+  result = {"command": "python -m s2q_jax.benchmark " + " ".join(argv or sys.argv[1:]),
+            **run(preset, backends, args.reps, args.storage_only)}
   s = result["storage"]
   print(f"{preset}: {result['params'] / 1e9:.3f} B parameters, {result['layers']} layers, "
         f"hidden {result['hidden']}; {result['device']}")
@@ -148,6 +150,7 @@ def main(argv=None) -> None:
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)
+  return result
 
 
 if __name__ == "__main__":

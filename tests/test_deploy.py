@@ -1,4 +1,6 @@
 """Quantized checkpoints: export, reload with the kernels, and agreement with fake-quant."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,3 +128,17 @@ def test_bf16_activations_reach_the_kernel_without_a_float32_copy(exported):
   for e in jaxpr.eqns:
     for v in e.outvars:
       assert not (v.aval.dtype == jnp.float32 and v.aval.size >= 18 * 64), e
+
+
+def test_storage_only_benchmark_measures_the_files(tmp_path):
+  from s2q_jax import benchmark
+  out = tmp_path / "storage.json"
+  result = benchmark.main(["--preset", "small", "--storage-only", "--json", str(out)])
+  assert json.loads(out.read_text()) == result and "forward_seconds" not in result
+  s, params = result["storage"], result["params"]
+  # bf16 file: two bytes per parameter plus a safetensors header of well under 100 kB.
+  assert 2 * params < s["fp_bytes"] < 2 * params + 100_000
+  # W4A6 linears hold most parameters: ≈ 4.25 bits each with scales, the rest in bf16.
+  assert s["compression"] == pytest.approx(s["fp_bytes"] / s["quant_bytes"])
+  assert 2 < s["compression"] < 4
+  assert result["versions"]["jax"] == jax.__version__ and "--storage-only" in result["command"]
