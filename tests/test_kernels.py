@@ -165,7 +165,8 @@ def test_gpu_program_order_visits_every_tile_once(m_tiles, n_tiles):
 
 
 @pytest.mark.parametrize("backend,platform", [("gpu", "cuda"), ("tpu", "tpu")])
-@pytest.mark.parametrize("m,k,n", [(17_776, 1920, 7680), (17_776, 7680, 1920), (7, 96, 96)])
+@pytest.mark.parametrize("m,k,n", [(17_776, 1920, 7680), (17_776, 7680, 1920), (7, 96, 96),
+                                   (17_776, 3072, 12288), (17_776, 12288, 3072)])
 def test_kernels_lower_for_their_hardware(backend, platform, m, k, n):
   """Cross-lowers on CPU: catches Triton's power-of-two and Mosaic's tiling rules
   (compiling the lowered IR still needs the device)."""
@@ -176,6 +177,18 @@ def test_kernels_lower_for_their_hardware(backend, platform, m, k, n):
                        disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
       jax.ShapeDtypeStruct((m, k), jnp.bfloat16), qw).mlir_module()
   assert f"custom_call @{target}" in text
+
+
+@pytest.mark.parametrize("backend,platform", [("gpu", "cuda"), ("tpu", "tpu")])
+def test_kernels_lower_with_unpacked_int8_weights(backend, platform):
+  """What a pinned kernel gets from a layer deployed with `auto` (int8 codes, not bytes)."""
+  qw = quantize_weight(np.ones((1920, 7680), np.float32), 4).unpacked()
+  fn = jax.jit(lambda x, qw: w4a6_matmul(x, qw, backend=backend))
+  target = "__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call"
+  text = export.export(fn, platforms=[platform],
+                       disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
+      jax.ShapeDtypeStruct((17_776, 1920), jnp.bfloat16), qw).mlir_module()
+  assert f"custom_call @{target}" in text and "ui8" not in text
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
