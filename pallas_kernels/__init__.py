@@ -4,10 +4,12 @@
   qw = quantize_weight(kernel_kn, bits=4)            # or QuantizedWeight.from_codes(...)
   y = w4a6_matmul(x, qw, bias, act_bits=6, backend="auto")
 
-Back-ends (`BACKENDS`): `reference` (plain JAX, the oracle), `gpu` (Pallas,
-Triton lowering), `tpu` (Pallas Mosaic TPU), `interpret` / `tpu_interpret`
-(those kernel bodies run by the Pallas interpreters, for CPU tests), and
-`auto` (gpu or tpu by platform, else reference).
+Back-ends (`BACKENDS`): `reference` (plain JAX, the oracle), `xla_int8`
+(XLA's int8 dot on (N, K) int8 weights, `QuantizedWeight.unpacked()`), `gpu`
+(Pallas, Triton lowering), `tpu` (Pallas Mosaic TPU), `interpret` /
+`tpu_interpret` (those kernel bodies run by the Pallas interpreters, for CPU
+tests), and `auto` (the fastest measured per device and shape, see
+`autotune`; `xla_int8` on CPU).
 """
 from pallas_kernels.ops import BACKENDS, resolve_backend, w4a6_matmul
 from pallas_kernels.weights import (QuantizedWeight, dequantize_weight, quantize_weight,

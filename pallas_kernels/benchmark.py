@@ -1,95 +1,158 @@
-"""Times W4A6 linears against bf16 and the simple int8 alternative, in one table.
+"""Times W4A6 linears against bf16 and XLA's int8 dot, with and without activation quantization.
 
-  python -m pallas_kernels.benchmark [--shapes cogvideox|small] [--backend auto]
+  python -m pallas_kernels.benchmark [--shapes cogvideox|small|tiny|MxKxN,...]
+      [--backends gpu,auto] [--reps 20] [--json F]
       [--block-m 128 --block-n 128 --block-k 256]   # kernel tiles, for tuning
 
-Columns, all with activation quantization included where it applies:
-  bf16        XLA's bf16 matmul, x (M, K) @ W (K, N)
-  xla_int8    int4 codes unpacked to int8 ahead of time, XLA's int8 dot with
-              (N, K) weights (the floor a fused kernel has to beat)
-  kernel      `w4a6_matmul` on the chosen back-end (packed int4 weights)
-TOP/s = 2·M·K·N / time.
+Columns (seconds per call; TOP/s = 2·M·K·N / time):
+  bf16            XLA's bf16 matmul, x (M, K) @ W (K, N)
+  quant           per-token activation quantization alone (bf16 x → int8 codes + scales)
+  xla_int8 noq    XLA's int8 dot on ready codes, (N, K) int8 weights, scale/bias epilogue
+  xla_int8        the same including the quantization: the `xla_int8` back-end
+  <backend>       `w4a6_matmul` on each back-end asked for (packed weights for the
+                  Pallas kernels, int8 ones for auto, as deployment holds them)
+Each is warmed up, then called `--reps` times with one sync at the end. Every
+quantized column's output is checked against `reference` before it is timed
+(a mismatch is an error); bf16 records its relative distance from reference
+(the quantization error). Results go to stdout and, with --json, to a file
+with device, library versions and date.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import ops, quantize_weight, reference, unpack_codes, w4a6_matmul
+from pallas_kernels import BACKENDS, quantize_weight, reference, w4a6_matmul, xla_int8
 
-TOKENS = 17_550 + 226  # CogVideoX-2B, 49 frames at 480×720: video + text tokens
+TOKENS = 17_550 + 226  # CogVideoX, 49 frames at 480×720: video + text tokens
 SHAPES = {
     # (M, K, N): CogVideoX-2B (d=1920) and 5B (d=3072) attention and FF linears
     "cogvideox": [(TOKENS, 1920, 1920), (TOKENS, 1920, 7680), (TOKENS, 7680, 1920),
                   (TOKENS, 3072, 3072), (TOKENS, 3072, 12288), (TOKENS, 12288, 3072),
                   (4096, 3072, 3072)],
     "small": [(1000, 256, 256), (1000, 256, 1024), (1000, 1024, 256)],
+    "tiny": [(45, 128, 96)],  # a ragged M; CPU smoke test
 }
+DEFAULT_BACKENDS = {"gpu": "gpu,auto", "tpu": "tpu,auto", "cpu": "auto"}
 
 
-def time_fn(fn, *args, reps: int) -> float:
-  """Median wall time of `fn(*args)` after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
+def environment() -> dict:
+  """Device, library versions, date: what every result file records."""
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  dev = jax.devices()[0]
+  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "device": f"{dev.platform}: {dev.device_kind}", "cpu_count": os.cpu_count(),
+          "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                       "numpy": np.__version__}}
+
+
+def loop_time(fn, *args, reps: int, warmup: int = 2) -> float:
+  """Seconds per call: `warmup` synced calls (compile included), then `reps` calls, one sync."""
+  for _ in range(warmup):
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  start = time.perf_counter()
+  out = None
+  for _ in range(reps):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / reps
 
 
-def bench(m: int, k: int, n: int, backend: str, reps: int, tiles: dict) -> dict:
+def _check(name: str, out: jax.Array, ref: jax.Array) -> float:
+  """Max relative difference from reference; same integers must agree to a bf16 rounding."""
+  a, b = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  if a.shape != b.shape or not np.allclose(a, b, rtol=2 ** -7, atol=1e-6):
+    raise AssertionError(f"{name}: output differs from reference")
+  return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
+
+def bench(m: int, k: int, n: int, backends: list[str], reps: int, tiles: dict) -> dict:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
   w = rng.standard_normal((k, n)).astype(np.float32) * 0.02
   qw = quantize_weight(w, 4)
+  qw8 = qw.unpacked()  # (N, K) int8, unpacked once
+  bias = jnp.asarray(rng.standard_normal(n) * 0.1, jnp.float32)
   w_bf16 = jnp.asarray(w, jnp.bfloat16)
-  w_int8 = unpack_codes(qw)  # (N, K) int8, unpacked once
+  ref = w4a6_matmul(x, qw, bias, backend="reference")
+  codes, scales = reference.quantize_activations(x, 6)
 
-  bf16 = jax.jit(lambda x, w: x @ w)
+  fns = {
+      "bf16": (jax.jit(lambda x, w: x @ w + bias.astype(jnp.bfloat16)), (x, w_bf16)),
+      "quant": (jax.jit(lambda x: reference.quantize_activations(x, 6)), (x,)),
+      "xla_int8 noq": (jax.jit(lambda c, s, qw: xla_int8.matmul(c, s, qw, bias, jnp.bfloat16)),
+                       (codes, scales, qw8)),
+      "xla_int8": (jax.jit(lambda x, qw: w4a6_matmul(x, qw, bias, backend="xla_int8")),
+                   (x, qw8)),
+  }
+  for b in backends:
+    kernel_tiles = tiles if b not in ("auto", "reference", "xla_int8") else {}
+    fns[b] = (jax.jit(lambda x, qw, b=b, t=kernel_tiles: w4a6_matmul(x, qw, bias, backend=b,
+                                                                       **t)),
+              (x, qw8 if b in ("auto", "xla_int8") else qw))
+  result = {"shape": [m, k, n], "seconds": {}, "rel_diff_vs_reference": {}}
+  for name, (fn, args) in fns.items():
+    out = fn(*args)
+    if name == "quant":
+      np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(codes), err_msg=name)
+    elif name == "bf16":  # not the quantized result: record how far it is, check nothing
+      a, b = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+      result["rel_diff_vs_reference"][name] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    else:
+      result["rel_diff_vs_reference"][name] = _check(name, out, ref)
+    result["seconds"][name] = loop_time(fn, *args, reps=reps)
+  result["tops"] = {c: 2 * m * k * n / s / 1e12 for c, s in result["seconds"].items()
+                    if c != "quant"}
+  return result
 
-  @jax.jit
-  def xla_int8(x, w_int8, scales):
-    codes, x_scales = reference.quantize_activations(x, 6)
-    acc = jax.lax.dot_general(codes, w_int8, (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.int32)
-    return reference.epilogue(acc, x_scales, scales, None, x.dtype)
 
-  kernel = jax.jit(lambda x, qw: w4a6_matmul(x, qw, backend=backend, **tiles))
-  times = {"bf16": time_fn(bf16, x, w_bf16, reps=reps),
-           "xla_int8": time_fn(xla_int8, x, w_int8, qw.scales, reps=reps),
-           "kernel": time_fn(kernel, x, qw, reps=reps)}
-  return {"shape": (m, k, n), **times}
+def _shapes(spec: str) -> list[tuple[int, int, int]]:
+  if spec in SHAPES:
+    return SHAPES[spec]
+  try:
+    return [tuple(int(d) for d in s.split("x")) for s in spec.split(",")]
+  except ValueError:
+    raise SystemExit(f"--shapes {spec!r}: a preset ({', '.join(SHAPES)}) or MxKxN,...") from None
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", choices=sorted(SHAPES), default=None,
-                      help="default: cogvideox on GPU/TPU, small on CPU")
-  parser.add_argument("--backend", default="auto")
-  parser.add_argument("--reps", type=int, default=10)
-  for dim, default in (("m", 128), ("n", 128), ("k", 256)):
-    parser.add_argument(f"--block-{dim}", type=int, default=default)
+  parser.add_argument("--shapes", default=None,
+                      help="preset or MxKxN,... (default: cogvideox on GPU/TPU, small on CPU)")
+  parser.add_argument("--backends", default=None, help="comma-separated kernel back-ends")
+  parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--json", default=None)
+  for dim in ("m", "n", "k"):
+    parser.add_argument(f"--block-{dim}", type=int, default=None)
   args = parser.parse_args(argv)
-  tiles = dict(block_m=args.block_m, block_n=args.block_n, block_k=args.block_k)
   platform = jax.default_backend()
-  shapes = SHAPES[args.shapes or ("small" if platform == "cpu" else "cogvideox")]
-  print(f"device: {jax.devices()[0].device_kind} ({platform}), kernel back-end: "
-        f"{ops.resolve_backend(args.backend)}, tiles: {tiles}")
-  header = (f"{'M×K×N':>22} | {'bf16 ms':>8} {'TOP/s':>6} | {'int8 ms':>8} {'TOP/s':>6} | "
-            f"{'kernel ms':>9} {'TOP/s':>6} | {'vs bf16':>7} {'vs int8':>7}")
-  print(header + "\n" + "-" * len(header))
+  backends = (args.backends or DEFAULT_BACKENDS.get(platform, "auto")).split(",")
+  if bad := [b for b in backends if b not in BACKENDS]:
+    parser.error(f"unknown back-end(s) {', '.join(bad)}: choose from {', '.join(BACKENDS)}")
+  tiles = {f"block_{d}": v for d in "mnk" if (v := getattr(args, f"block_{d}")) is not None}
+  shapes = _shapes(args.shapes or ("small" if platform == "cpu" else "cogvideox"))
+  env = environment()
+  print(f"{env['device']}, jax {env['versions']['jax']}, back-ends {backends}, tiles {tiles}")
+  cols = ["bf16", "quant", "xla_int8 noq", "xla_int8", *backends]
+  print(f"{'M×K×N':>20} | " + " | ".join(f"{c:>12}" for c in cols) + "   (ms; TOP/s)")
+  results = []
   for m, k, n in shapes:
-    r = bench(m, k, n, args.backend, args.reps, tiles)
-    tops = {c: 2 * m * k * n / r[c] / 1e12 for c in ("bf16", "xla_int8", "kernel")}
-    print(f"{f'{m}×{k}×{n}':>22} | {r['bf16'] * 1e3:8.3f} {tops['bf16']:6.3g} | "
-          f"{r['xla_int8'] * 1e3:8.3f} {tops['xla_int8']:6.3g} | {r['kernel'] * 1e3:9.3f} "
-          f"{tops['kernel']:6.3g} | {r['bf16'] / r['kernel']:6.2f}× "
-          f"{r['xla_int8'] / r['kernel']:6.2f}×")
+    r = bench(m, k, n, backends, args.reps, tiles)
+    results.append(r)
+    cells = [f"{r['seconds'][c] * 1e3:6.3f};{r['tops'].get(c, 0):5.3g}" for c in cols]
+    print(f"{f'{m}×{k}×{n}':>20} | " + " | ".join(f"{c:>12}" for c in cells))
+  out = {**env, "backends": backends, "tiles": tiles, "reps": args.reps, "results": results}
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=2)
+  return out
 
 
 if __name__ == "__main__":

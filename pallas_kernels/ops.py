@@ -2,64 +2,89 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import pallas_gpu, pallas_tpu, reference
+from pallas_kernels import autotune, pallas_gpu, pallas_tpu, reference, xla_int8
 from pallas_kernels.bits import check_bits
 from pallas_kernels.weights import QuantizedWeight
 
-BACKENDS = ("auto", "reference", "interpret", "gpu", "tpu", "tpu_interpret")
+BACKENDS = ("auto", "reference", "xla_int8", "interpret", "gpu", "tpu", "tpu_interpret")
+# Preferred tiles of each Pallas kernel, clamped to the problem by the kernel.
+_TILES = {"gpu": pallas_gpu.DEFAULT_TILES, "interpret": pallas_gpu.DEFAULT_TILES,
+          "tpu": pallas_tpu.DEFAULT_TILES, "tpu_interpret": pallas_tpu.DEFAULT_TILES}
 
 
-def resolve_backend(backend: str) -> str:
-  """The back-end `backend` runs on here: `auto` is gpu/tpu by platform, else reference."""
+def resolve_backend(backend: str, problem: autotune.Problem | None = None) -> str:
+  """The back-end `backend` runs on here; `auto` is measured per problem (see `autotune`).
+
+  Without a `problem`, `auto` can only be resolved where nothing is measured
+  (a pin, or CPU).
+  """
+  return _resolve(backend, problem).backend
+
+
+def _resolve(backend: str, problem: autotune.Problem | None) -> autotune.Choice:
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
-  if backend == "auto":
-    platform = jax.default_backend()
-    return platform if platform in ("gpu", "tpu") else "reference"
-  return backend
+  if backend != "auto":
+    return autotune.Choice(backend)
+  if problem is None:
+    if os.environ.get(autotune.PIN_ENV) or not autotune.candidates(jax.default_backend()):
+      return autotune.choose(None)
+    raise ValueError("backend='auto' on an accelerator is chosen per shape: pass the problem")
+  return autotune.choose(problem)
 
 
 def w4a6_matmul(x: jax.Array, qw: QuantizedWeight, bias: jax.Array | None = None, *,
                 act_bits: int = 6, act_clip: jax.Array | None = None, backend: str = "auto",
-                block_m: int = 128, block_n: int = 128, block_k: int = 256) -> jax.Array:
-  """y = Q_a(x) · Ŵ + bias for x (..., K); integer math with int32 accumulation, returns x.dtype.
+                out_dtype=None, block_m: int | None = None, block_n: int | None = None,
+                block_k: int | None = None) -> jax.Array:
+  """y = Q_a(x) · Ŵ + bias for x (..., K); integer math with int32 accumulation.
 
   Activations are quantized per token (row) to `act_bits`, symmetric, held in
   int8 (`act_clip`, a learned factor in (0, 1], maps that fraction of each
   token's absmax onto the top code); the weight's per-channel scales, the
   activation scales and the bias are applied to the int32 accumulator in the
-  epilogue. `block_*` are the
-  kernel's preferred tiles (block_k counts K, not packed bytes); each back-end
-  shrinks or pads them to what its hardware accepts.
+  float32 epilogue, which writes `out_dtype` (default x.dtype) directly.
+  `block_*` override a Pallas kernel's preferred tiles (block_k counts K, not
+  packed bytes); each kernel shrinks or pads them to what its hardware accepts.
   """
   check_bits(act_bits, "act_bits")
-  backend = resolve_backend(backend)
   if x.shape[-1] != qw.in_features:
     raise ValueError(f"x has {x.shape[-1]} features, the weight expects {qw.in_features}")
   if bias is not None and bias.shape != (qw.out_features,):
     raise ValueError(f"bias must have shape ({qw.out_features},), got {bias.shape}")
+  out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
+  problem = autotune.Problem(x2.shape[0], qw.in_features, qw.out_features, qw.bits, qw.packed,
+                             act_bits, jnp.dtype(x.dtype).name, out_dtype.name)
+  choice = _resolve(backend, problem)
+  given = dict(block_m=block_m, block_n=block_n, block_k=block_k)
+  tiles = {**_TILES.get(choice.backend, {}), **(choice.tiles or {}),
+           **{k: v for k, v in given.items() if v is not None}}
   clip = None if act_clip is None else jnp.asarray(act_clip, jnp.float32).reshape(())
-  out = _matmul_2d(x2, qw, bias, clip, act_bits, backend, block_m, block_n, block_k)
-  if backend == "tpu_interpret" and not isinstance(out, jax.core.Tracer):
+  out = _matmul_2d(x2, qw, bias, clip, act_bits, choice.backend, out_dtype,
+                   tuple(sorted(tiles.items())))
+  if choice.backend == "tpu_interpret" and not isinstance(out, jax.core.Tracer):
     # TPU interpret mode runs JAX ops from host callbacks; if the caller dispatches more
     # eager work while they run, both can wait on each other. Finish the call first.
     out.block_until_ready()
   return out.reshape(*lead, qw.out_features)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
-def _matmul_2d(x, qw, bias, act_clip, act_bits, backend, block_m, block_n, block_k):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _matmul_2d(x, qw, bias, act_clip, act_bits, backend, out_dtype, tiles):
   # Quantized once, by XLA, for every back-end: identical codes everywhere, and
   # fusing it into the kernel would redo it for every N tile.
   codes, scales = reference.quantize_activations(x, act_bits, act_clip)
   if backend == "reference":
-    return reference.matmul(codes, scales, qw, bias, x.dtype)
+    return reference.matmul(codes, scales, qw, bias, out_dtype)
+  if backend == "xla_int8":
+    return xla_int8.matmul(codes, scales, qw, bias, out_dtype)
   if qw.packed:  # even-k columns meet the low nibbles, odd-k the high ones
     x_parts = (codes[:, 0::2], codes[:, 1::2])
     w = jax.lax.bitcast_convert_type(qw.data, jnp.int8)
@@ -67,6 +92,5 @@ def _matmul_2d(x, qw, bias, act_clip, act_bits, backend, block_m, block_n, block
     x_parts, w = (codes,), qw.data
   b = jnp.zeros(qw.out_features, jnp.float32) if bias is None else bias.astype(jnp.float32)
   kernel = pallas_tpu.matmul if backend.startswith("tpu") else pallas_gpu.matmul
-  return kernel(x_parts, scales, w, qw.scales, b, packed=qw.packed, out_dtype=x.dtype,
-                block_m=block_m, block_n=block_n, block_k=block_k,
-                interpret=backend in ("interpret", "tpu_interpret"))
+  return kernel(x_parts, scales, w, qw.scales, b, packed=qw.packed, out_dtype=out_dtype,
+                interpret=backend in ("interpret", "tpu_interpret"), **dict(tiles))

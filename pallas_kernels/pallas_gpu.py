@@ -1,6 +1,6 @@
 """Pallas kernel for NVIDIA GPUs, Triton lowering; also the `interpret` back-end on CPU.
 
-Grid over (M, N) output tiles; each program loops over K, loading int8
+One program per (M, N) output tile, in grouped order (below); each loops over K, loading int8
 activation codes and packed weight bytes, unpacking the nibbles in registers
 and accumulating int8 × int8 → int32 on the tensor cores, then applies the
 per-token and per-channel scales and the bias in the epilogue.
@@ -12,6 +12,11 @@ Layout choices, all for Triton/Hopper:
   (a register shuffle), the caller hands over the even-k and odd-k activation
   columns separately; low nibbles multiply the even columns, high nibbles the
   odd ones, two dots per K step and no data movement.
+- Program order: with row tiles fastest, every column tile re-reads all of
+  the activations (≈ M·K bytes per N tile). Programs run in groups of
+  `GROUP_M` row tiles × every column tile, row fastest within a group (Triton's
+  usual swizzle), so concurrently running programs share both their activation
+  rows and their weight columns in L2.
 - Triton needs power-of-two tiles. Ragged M (17,776 tokens) is handled by
   masked loads and stores of the last row tile rather than padding, which
   would cost an extra copy of the output; N and K are padded only when they
@@ -34,6 +39,17 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import tiling
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dim of both operands
+DEFAULT_TILES = dict(block_m=128, block_n=128, block_k=256)
+GROUP_M = 8
+
+
+def tile_ids(p: jax.Array, m_tiles: int, n_tiles: int) -> tuple[jax.Array, jax.Array]:
+  """(row tile, column tile) of program `p` in grouped order: `GROUP_M` row tiles
+  run over all column tiles together (the last group may have fewer rows)."""
+  per_group = GROUP_M * n_tiles
+  first = (p // per_group) * GROUP_M
+  rows = jnp.minimum(m_tiles - first, GROUP_M)
+  return first + (p % per_group) % rows, (p % per_group) // rows
 
 
 def unpack_pair(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -46,10 +62,12 @@ def unpack_pair(w: jax.Array) -> tuple[jax.Array, jax.Array]:
   return ((w & 15) - 8).astype(jnp.int8), (((w >> 4) & 15) - 8).astype(jnp.int8)
 
 
-def _kernel(*refs, m: int, block_kc: int, k_steps: int, packed: bool):
+def _kernel(*refs, m: int, block_kc: int, k_steps: int, packed: bool, m_tiles: int,
+            n_tiles: int):
   *x_refs, xs_ref, w_ref, ws_ref, b_ref, o_ref = refs
   bm = o_ref.shape[0]
-  rows = pl.program_id(0) * bm + jnp.arange(bm)
+  i, _ = tile_ids(pl.program_id(0), m_tiles, n_tiles)
+  rows = i * bm + jnp.arange(bm)
   valid = (rows < m)[:, None]  # the last row tile may run past M
 
   def body(step, acc):
@@ -83,16 +101,20 @@ def matmul(x_parts: tuple[jax.Array, ...], x_scales: jax.Array, w: jax.Array,
   w = tiling.pad_to(tiling.pad_to(w, 0, np_), 1, kp)
   w_scales = tiling.pad_to(w_scales, 0, np_).reshape(1, np_)
   bias = tiling.pad_to(bias, 0, np_).reshape(1, np_)
-  row_block = pl.BlockSpec((bm, kp), lambda i, j: (i, 0))
-  col_block = pl.BlockSpec((1, bn), lambda i, j: (0, j))
+  m_tiles, n_tiles = pl.cdiv(m, bm), np_ // bn
+  row = lambda p: tile_ids(p, m_tiles, n_tiles)[0]
+  col = lambda p: tile_ids(p, m_tiles, n_tiles)[1]
+  row_block = pl.BlockSpec((bm, kp), lambda p: (row(p), 0))
+  col_block = pl.BlockSpec((1, bn), lambda p: (0, col(p)))
   out = pl.pallas_call(
-      functools.partial(_kernel, m=m, block_kc=bkc, k_steps=kp // bkc, packed=packed),
-      grid=(pl.cdiv(m, bm), np_ // bn),
+      functools.partial(_kernel, m=m, block_kc=bkc, k_steps=kp // bkc, packed=packed,
+                        m_tiles=m_tiles, n_tiles=n_tiles),
+      grid=(m_tiles * n_tiles,),
       in_specs=[*[row_block] * len(x_parts),
-                pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
-                pl.BlockSpec((bn, kp), lambda i, j: (j, 0)),
+                pl.BlockSpec((bm, 1), lambda p: (row(p), 0)),
+                pl.BlockSpec((bn, kp), lambda p: (col(p), 0)),
                 col_block, col_block],
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      out_specs=pl.BlockSpec((bm, bn), lambda p: (row(p), col(p))),
       out_shape=jax.ShapeDtypeStruct((m, np_), out_dtype),
       compiler_params=pltriton.CompilerParams(num_warps=8 if bm * bn >= 128 * 128 else 4,
                                               num_stages=3),

@@ -23,7 +23,8 @@ from pallas_kernels.bits import check_bits, qrange
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
-  data: jax.Array  # 4-bit: (N, K // 2) uint8 nibbles; otherwise (N, K) int8 codes
+  # 4-bit as stored: (N, K // 2) uint8 nibbles; otherwise, or after `unpacked()`: (N, K) int8
+  data: jax.Array
   scales: jax.Array  # (N,) float32: weight = codes × scales
   bits: int = dataclasses.field(metadata=dict(static=True))
   in_features: int = dataclasses.field(metadata=dict(static=True))
@@ -34,7 +35,15 @@ class QuantizedWeight:
 
   @property
   def packed(self) -> bool:
-    return self.bits == 4
+    """Two 4-bit codes per byte. Told apart by dtype: packed bytes are uint8, codes int8."""
+    return self.data.dtype == jnp.uint8
+
+  def unpacked(self) -> "QuantizedWeight":
+    """The same weight with (N, K) int8 codes: twice the bytes of packed 4-bit, but what
+    XLA's int8 dot consumes directly (the `xla_int8` back-end), so unpack once, at load."""
+    if not self.packed:
+      return self
+    return QuantizedWeight(unpack_nibbles(self.data), self.scales, self.bits, self.in_features)
 
   @property
   def nbytes(self) -> int:

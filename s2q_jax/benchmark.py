@@ -1,21 +1,34 @@
-"""Times a full transformer forward, bf16 vs W4A6 on the kernels, and reports weight memory.
+"""Full-transformer benchmark at a real model's size: W4A6 storage, and forward time bf16 vs W4A6.
 
-  python -m s2q_jax.benchmark [--preset cogvideox-2b|cogvideox-5b|small] [--backend auto]
+  python -m s2q_jax.benchmark --preset cogvideox-2b --storage-only --json F   # no accelerator
+  python -m s2q_jax.benchmark --preset cogvideox-5b --backends xla_int8,gpu,auto --json F
 
-Random weights at the preset's size; one forward (batch 1, no guidance) on
-the preset's latent video. Defaults to `small` on CPU.
+Random weights at the preset's size, quantized with the main job's default
+layer rules at W4A6 (`job_config.base_config(4, 6, "rtn")`), exported as the
+job exports them. Storage is measured from files, headers included, as the
+job reports it: the model saved as a bf16 diffusers safetensors file against
+the quantized checkpoint's weights file. Timing (skipped by --storage-only):
+one forward (batch 1, no guidance) on the preset's latent video, bf16 and
+deployed W4A6 in bf16 on each back-end; warm-up, then `--reps` calls with one
+sync. Defaults to the `small` preset on CPU.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
+import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.benchmark import time_fn
+from conversion.flax_to_diffusers import save_diffusers
+from pallas_kernels.benchmark import environment as kernel_environment
 from s2q_jax import deploy, quant
 from s2q_jax.job_config import base_config
 from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
@@ -30,50 +43,114 @@ PRESETS = {
 }
 
 
-def _weight_bytes(model) -> int:
-  leaves = jax.tree.leaves(nnx.state(model))
-  return sum(x.size * x.dtype.itemsize for x in leaves if hasattr(x, "dtype"))
+def environment() -> dict:
+  """`pallas_kernels.benchmark.environment` plus the model-side libraries."""
+  import flax  # pylint: disable=import-outside-toplevel
+  import safetensors  # pylint: disable=import-outside-toplevel
+  env = kernel_environment()
+  env["versions"].update(flax=flax.__version__, safetensors=safetensors.__version__)
+  return env
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
-  parser.add_argument("--backend", default="auto")
-  parser.add_argument("--reps", type=int, default=3)
-  args = parser.parse_args(argv)
-  preset = args.preset or ("small" if jax.default_backend() == "cpu" else "cogvideox-2b")
-  overrides, (f, h, w) = PRESETS[preset]
-  cfg = CogVideoXConfig(**overrides)
-  model = CogVideoXTransformer3D(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+def quantize_w4a6(model: nnx.Module) -> None:
+  """The main job's default W4A6 layer rules, round to nearest, frozen for export."""
+  quant.quantize_model(model, quant.rules_from_config(base_config(4, 6, "rtn").quant))
+  quant.freeze_all(model)
+
+
+def storage(model: nnx.Module, folder: str) -> dict:
+  """Quantizes `model` in place; bytes of its bf16 and W4A6 weight files, written to `folder`."""
+  fp_dir, q_dir = os.path.join(folder, "bf16"), os.path.join(folder, "w4a6")
+  save_diffusers(model, fp_dir, dtype="bfloat16")
+  fp_bytes = sum(os.path.getsize(os.path.join(fp_dir, f)) for f in os.listdir(fp_dir)
+                 if f.endswith(".safetensors"))
+  quantize_w4a6(model)
+  deploy.export_quantized(model, q_dir)
+  quant_bytes = deploy.weights_file_bytes(q_dir)
+  return {"fp_bytes": fp_bytes, "quant_bytes": quant_bytes, "compression": fp_bytes / quant_bytes}
+
+
+def time_forward(model: nnx.Module, args: tuple, reps: int) -> float:
+  """Seconds per forward: one compile + warm-up call, then `reps` calls and a single sync."""
+  graphdef, state = nnx.split(model)
+  fn = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
+  jax.block_until_ready(fn(state, *args))
+  start = time.perf_counter()
+  out = None
+  for _ in range(reps):
+    out = fn(state, *args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / reps
+
+
+def _inputs(cfg: CogVideoXConfig, video: tuple[int, int, int]) -> tuple:
+  f, h, w = video
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((1, f, cfg.in_channels, h, w)), jnp.bfloat16)
   text = jnp.asarray(rng.standard_normal((1, cfg.max_text_seq_length, cfg.text_embed_dim)),
                      jnp.bfloat16)
-  t = jnp.array([500])
+  return x, text, jnp.array([500])
 
-  def forward(m):
-    graphdef, state = nnx.split(m)
-    return jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a)), state
 
-  fn, state = forward(model)
-  bf16_time, bf16_bytes = time_fn(fn, state, x, text, t, reps=args.reps), _weight_bytes(model)
-
-  quant.quantize_model(model, quant.rules_from_config(base_config(4, 6, "rtn").quant))
-  quant.freeze_all(model)
+def run(preset: str, backends: list[str], reps: int, storage_only: bool) -> dict:
+  overrides, video = PRESETS[preset]
+  cfg = CogVideoXConfig(**overrides)
+  model = CogVideoXTransformer3D(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # bf16: half the RAM
+  n_params = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  result = {"preset": preset, "params": int(n_params), "layers": cfg.num_layers,
+            "hidden": cfg.inner_dim, **environment()}
+  times = {}
+  if not storage_only:
+    args = _inputs(cfg, video)
+    times["bf16"] = time_forward(model, args, reps)
   with tempfile.TemporaryDirectory() as tmp:
-    deploy.export_quantized(model, tmp)
+    result["storage"] = storage(model, tmp)
     del model
-    deployed = load_pretrained(tmp, dtype=jnp.bfloat16, backend=args.backend)
-  fn, state = forward(deployed)
-  q_time, q_bytes = time_fn(fn, state, x, text, t, reps=args.reps), _weight_bytes(deployed)
+    gc.collect()
+    if not storage_only:
+      for backend in backends:
+        deployed = load_pretrained(os.path.join(tmp, "w4a6"), dtype=jnp.bfloat16,
+                                   backend=backend)
+        times[f"w4a6 {backend}"] = time_forward(deployed, args, reps)
+        del deployed
+  if times:
+    f, h, w = video
+    result["tokens"] = f * (h // cfg.patch_size) * (w // cfg.patch_size) + \
+        cfg.max_text_seq_length
+    result["forward_seconds"] = times
+    result["speedup_vs_bf16"] = {k: times["bf16"] / v for k, v in times.items() if k != "bf16"}
+  return result
 
-  tokens = f * (h // cfg.patch_size) * (w // cfg.patch_size) + cfg.max_text_seq_length
-  print(f"{preset}: {cfg.num_layers} layers, hidden {cfg.inner_dim}, {tokens} tokens; "
-        f"device {jax.devices()[0].device_kind}, W4A6 back-end {args.backend}")
-  print(f"{'':>6} | {'forward (s)':>11} | {'weights (GiB)':>13}")
-  print(f"{'bf16':>6} | {bf16_time:11.3f} | {bf16_bytes / 2**30:13.3f}")
-  print(f"{'W4A6':>6} | {q_time:11.3f} | {q_bytes / 2**30:13.3f}")
-  print(f"speed-up {bf16_time / q_time:.2f}×, weight memory {bf16_bytes / q_bytes:.2f}× smaller")
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
+  parser.add_argument("--backends", default="auto",
+                      help="comma-separated W4A6 back-ends to time (see pallas_kernels.BACKENDS)")
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--storage-only", action="store_true",
+                      help="only export and measure file sizes (no accelerator needed)")
+  parser.add_argument("--json", default=None, help="write the result to this file")
+  args = parser.parse_args(argv)
+  from pallas_kernels import BACKENDS  # pylint: disable=import-outside-toplevel
+  backends = [b for b in args.backends.split(",") if b]
+  if bad := [b for b in backends if b not in BACKENDS]:
+    parser.error(f"unknown back-end(s) {', '.join(bad)}: choose from {', '.join(BACKENDS)}")
+  preset = args.preset or ("small" if jax.default_backend() == "cpu" else "cogvideox-2b")
+  result = {"command": "python -m s2q_jax.benchmark " + " ".join(argv or sys.argv[1:]),
+            **run(preset, backends, args.reps, args.storage_only)}
+  s = result["storage"]
+  print(f"{preset}: {result['params'] / 1e9:.3f} B parameters, {result['layers']} layers, "
+        f"hidden {result['hidden']}; {result['device']}")
+  print(f"storage: bf16 {s['fp_bytes'] / 2**30:.3f} GiB, W4A6 {s['quant_bytes'] / 2**30:.3f} GiB, "
+        f"{s['compression']:.2f}× smaller")
+  for name, seconds in result.get("forward_seconds", {}).items():
+    speedup = result["speedup_vs_bf16"].get(name)
+    print(f"forward {name:>16}: {seconds:8.3f} s" + (f"  {speedup:.2f}× bf16" if speedup else ""))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
 
 
 if __name__ == "__main__":

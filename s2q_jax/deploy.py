@@ -44,6 +44,9 @@ _LAYER_DTYPES = {"scales": quantizer.STORAGE_DTYPE, "smooth": quantizer.STORAGE_
                  "transform_left": quantizer.STORAGE_DTYPE,
                  "transform_right": quantizer.STORAGE_DTYPE, "act_clip": jnp.float32}
 _LAYER_ARRAYS = tuple(name for name in _LAYER_DTYPES if name != "scales")
+# Back-ends that hold 4-bit weights as (N, K) int8 codes in device memory (2× packed, ½ bf16):
+# XLA's int8 dot consumes them directly, and `auto` always has it as a candidate.
+_UNPACKED_BACKENDS = ("auto", "xla_int8")
 
 
 class Deployed(nnx.Variable):
@@ -51,12 +54,18 @@ class Deployed(nnx.Variable):
 
 
 class DeployedLinear(nnx.Module):
-  """A quantized linear layer as deployed: packed codes, kernels, folded transforms."""
+  """A quantized linear layer as deployed: integer codes, kernels, folded transforms.
+
+  With `backend` auto or xla_int8 the codes are held unpacked, (N, K) int8;
+  with an explicit Pallas kernel they stay packed as on disk.
+  """
 
   def __init__(self, weight: QuantizedWeight, *, bias=None, shift=None, smooth=None,
                rotation=None, transform_left=None, transform_right=None, act_clip=None,
                lowrank_a=None, lowrank_b=None, frame_scale=None, n_text: int = 0,
                a_bits: int | None, backend: str = "auto", dtype=jnp.float32):
+    if backend in _UNPACKED_BACKENDS:  # unpack once here, not on every call
+      weight = weight.unpacked()
     self.data, self.scales = Deployed(weight.data), Deployed(weight.scales)
     self.bits, self.in_features = weight.bits, weight.in_features
     arrays = dict(bias=bias, shift=shift, smooth=smooth, rotation=rotation,
@@ -73,7 +82,33 @@ class DeployedLinear(nnx.Module):
     return QuantizedWeight(self.data[...], self.scales[...], self.bits, self.in_features)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
+    """x in the model's dtype → y in the model's dtype (`dtype`).
+
+    No float32 copy of the activations is made unless a learned transform needs
+    one (as the fake-quant layer computes it); otherwise the kernel quantizes
+    x as given and its epilogue writes `dtype` directly.
+    """
+    if any(t is not None for t in (self.shift, self.smooth, self.rotation,
+                                   self.transform_left)):
+      x = self._transform(x.astype(jnp.float32))
+    bias = None if self.bias is None else self.bias[...]
+    clip = None if self.act_clip is None else self.act_clip[...]
+    if self.a_bits is None:  # weight-only quantization: small layers (timestep MLP), float32
+      xf = x.astype(jnp.float32)
+      y = xf @ dequantize_weight(self.weight) + (0.0 if bias is None else bias)
+    else:
+      y = w4a6_matmul(x, self.weight, bias, act_bits=self.a_bits, act_clip=clip,
+                      backend=self.backend, out_dtype=self.dtype)
+    if self.lowrank_a is not None:  # Q-VDiT's estimator branch, on the quantized input
+      xf = x.astype(jnp.float32)
+      xq = xf if self.a_bits is None else quantizer.fake_quant_activations(xf, self.a_bits, clip)
+      # Rounded to dtype before and after the sum, as `TokenAwareLinear` does.
+      y = y.astype(self.dtype).astype(jnp.float32) + token_estimator.branch(
+          xq, self.lowrank_a[...], self.lowrank_b[...], self.frame_scale[...], self.n_text)
+    return y.astype(self.dtype)
+
+  def _transform(self, x: jax.Array) -> jax.Array:
+    """The folded input transforms, in float32 as `QuantLinear.transform_input` applies them."""
     if self.shift is not None:
       x = x - self.shift[...]
     if self.smooth is not None:
@@ -82,18 +117,7 @@ class DeployedLinear(nnx.Module):
       x = x @ self.rotation[...]
     if self.transform_left is not None:  # two small matmuls per token
       x = kronecker.apply(x, self.transform_left[...], self.transform_right[...])
-    bias = None if self.bias is None else self.bias[...]
-    clip = None if self.act_clip is None else self.act_clip[...]
-    if self.a_bits is None:  # weight-only quantization
-      y = x @ dequantize_weight(self.weight) + (0.0 if bias is None else bias)
-    else:
-      y = w4a6_matmul(x, self.weight, bias, act_bits=self.a_bits, act_clip=clip,
-                      backend=self.backend)
-    if self.lowrank_a is not None:  # Q-VDiT's estimator branch, on the quantized input
-      xq = x if self.a_bits is None else quantizer.fake_quant_activations(x, self.a_bits, clip)
-      y = y + token_estimator.branch(xq, self.lowrank_a[...], self.lowrank_b[...],
-                                     self.frame_scale[...], self.n_text)
-    return y.astype(self.dtype)
+    return x
 
 
 def round_fp_params(model: nnx.Module, dtype=FP_DTYPE) -> None:

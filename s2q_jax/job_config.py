@@ -86,7 +86,7 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.inference = ml_collections.ConfigDict()
   # '': quantized videos from the frozen in-memory model (the deployed integer arithmetic in
   # plain XLA); else reload the exported checkpoint and run it on these kernels:
-  # auto | reference | interpret | gpu | tpu | tpu_interpret.
+  # auto | reference | xla_int8 | interpret | gpu | tpu | tpu_interpret.
   c.inference.backend = ""
 
   c.eval = ml_collections.ConfigDict()

@@ -1,4 +1,7 @@
 """Quantized checkpoints: export, reload with the kernels, and agreement with fake-quant."""
+import json
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -84,3 +87,58 @@ def test_export_reports_unquantized_model_clearly(tmp_path):
   reloaded = load_pretrained(str(tmp_path))
   x, text, t = _inputs()
   np.testing.assert_allclose(reloaded(x, text, t), model(x, text, t), rtol=0.05, atol=0.05)
+
+
+def _at(model, dotted):
+  node = model
+  for key in dotted.split("."):
+    node = node[int(key)] if key.isdigit() else getattr(node, key)
+  return node
+
+
+@pytest.mark.parametrize("backend", ["auto", "xla_int8", "interpret"])
+def test_bf16_model_layers_take_and_return_bf16(exported, backend):
+  """Deployed in bf16: bf16 in, bf16 out, and the same numbers as the float32 fake-quant
+  layer rounded once to bf16 (same integer codes, float32 epilogue)."""
+  _, model, path = exported
+  deployed = load_pretrained(str(path), dtype=jnp.bfloat16, backend=backend)
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((7, 256)), jnp.bfloat16)
+  for name, layer in quant.quantized_layers(model):
+    node = _at(deployed, name)
+    # Pallas kernels keep 4-bit codes packed as on disk; auto / xla_int8 hold them as int8.
+    assert node.weight.packed == (backend == "interpret" and node.bits == 4), name
+    xin = x[:, :layer.in_features]
+    out = node(xin)
+    assert out.dtype == jnp.bfloat16, name
+    expected = layer(xin.astype(jnp.float32)).astype(jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32),
+                               rtol=2 ** -7, atol=1e-6, err_msg=name)
+
+
+def test_bf16_activations_reach_the_kernel_without_a_float32_copy(exported):
+  _, _, path = exported
+  layer = load_pretrained(str(path), dtype=jnp.bfloat16).transformer_blocks[0].attn1.to_q
+  x = jnp.zeros((2, 9, 64), jnp.bfloat16)
+  jaxpr = jax.make_jaxpr(layer)(x).jaxpr
+  calls = [e for e in jaxpr.eqns if e.params.get("name") == "_matmul_2d"]
+  assert len(calls) == 1
+  assert calls[0].invars[0].aval.dtype == jnp.bfloat16
+  assert calls[0].outvars[0].aval.dtype == jnp.bfloat16
+  # Outside the kernel program, nothing activation-sized is float32.
+  for e in jaxpr.eqns:
+    for v in e.outvars:
+      assert not (v.aval.dtype == jnp.float32 and v.aval.size >= 18 * 64), e
+
+
+def test_storage_only_benchmark_measures_the_files(tmp_path):
+  from s2q_jax import benchmark
+  out = tmp_path / "storage.json"
+  result = benchmark.main(["--preset", "small", "--storage-only", "--json", str(out)])
+  assert json.loads(out.read_text()) == result and "forward_seconds" not in result
+  s, params = result["storage"], result["params"]
+  # bf16 file: two bytes per parameter plus a safetensors header of well under 100 kB.
+  assert 2 * params < s["fp_bytes"] < 2 * params + 100_000
+  # W4A6 linears hold most parameters: ≈ 4.25 bits each with scales, the rest in bf16.
+  assert s["compression"] == pytest.approx(s["fp_bytes"] / s["quant_bytes"])
+  assert 2 < s["compression"] < 4
+  assert result["versions"]["jax"] == jax.__version__ and "--storage-only" in result["command"]

@@ -15,6 +15,8 @@ SHAPES = [  # (M, K, N): M = 1 and 7, ragged multi-tile M, K and N off the tile 
 # Tiles small enough that SHAPES span several of them, and legal on TPU.
 TILES = dict(block_m=32, block_n=128, block_k=256)
 GPU_TILES = dict(block_m=32, block_n=32, block_k=64)
+# Every back-end that runs on CPU, besides `reference` itself.
+CPU_BACKENDS = ["xla_int8", "interpret", "tpu_interpret"]
 
 
 def _case(m, k, n, w_bits, seed=0, dtype=jnp.float32):
@@ -25,29 +27,31 @@ def _case(m, k, n, w_bits, seed=0, dtype=jnp.float32):
   return x, qw, bias
 
 
-def _exact(x, qw, bias, act_bits):
+def _exact(x, qw, bias, act_bits, clip=1.0):
   """Independent oracle: numpy int64 matmul of the codes, then the scales."""
   lo, hi = qrange(act_bits)
   xf = np.asarray(x, np.float32)
-  xs = np.maximum(np.abs(xf).max(1, keepdims=True), 1e-8) / hi
+  xs = np.maximum(np.abs(xf).max(1, keepdims=True), 1e-8) * np.float32(clip) / hi
   xq = np.clip(np.round(xf / xs), lo, hi).astype(np.int64)
   w = np.asarray(unpack_codes(qw)).astype(np.int64)  # (N, K)
   y = (xq @ w.T) * xs * np.asarray(qw.scales)[None]
   return y if bias is None else y + np.asarray(bias)[None]
 
 
-def _run(x, qw, bias, backend, act_bits=6):
-  tiles = GPU_TILES if backend == "interpret" else TILES
-  return w4a6_matmul(x, qw, bias, act_bits=act_bits, backend=backend, **tiles)
+def _run(x, qw, bias, backend, act_bits=6, **kw):
+  tiles = {"interpret": GPU_TILES, "tpu_interpret": TILES}.get(backend, {})
+  return w4a6_matmul(x, qw, bias, act_bits=act_bits, backend=backend, **tiles, **kw)
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
-@pytest.mark.parametrize("backend", ["interpret", "tpu_interpret"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_kernel_equals_reference_float32(m, k, n, backend):
   x, qw, bias = _case(m, k, n, 4, seed=m)
   ref = w4a6_matmul(x, qw, bias, backend="reference")
   # Same integers, same float32 epilogue: equal up to float32 rounding.
   np.testing.assert_allclose(_run(x, qw, bias, backend), ref, rtol=1e-6, atol=1e-6)
+  # Weights unpacked to (N, K) int8 at load (what deployment holds for xla_int8): same result.
+  np.testing.assert_allclose(_run(x, qw.unpacked(), bias, backend), ref, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(ref, _exact(x, qw, bias, 6), rtol=1e-5, atol=1e-5)
 
 
@@ -61,14 +65,14 @@ def test_reference_is_exact_for_every_bit_width(w_bits, act_bits):
 
 @pytest.mark.parametrize("w_bits,act_bits", [(2, 8), (3, 6), (4, 4), (5, 6), (6, 3), (7, 7),
                                              (8, 8), (4, 2)])
-@pytest.mark.parametrize("backend", ["interpret", "tpu_interpret"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_kernels_every_bit_width(w_bits, act_bits, backend):
   x, qw, bias = _case(40, 128, 64, w_bits, seed=w_bits)
   ref = w4a6_matmul(x, qw, bias, act_bits=act_bits, backend="reference")
   np.testing.assert_allclose(_run(x, qw, bias, backend, act_bits), ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["interpret", "tpu_interpret"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_bfloat16_and_batch_dims(backend):
   x, qw, bias = _case(2 * 3 * 11, 128, 96, 4, seed=5, dtype=jnp.bfloat16)
   xb = x.reshape(2, 3, 11, 128)
@@ -98,7 +102,7 @@ def test_activation_codes_match_numpy_up_to_ties():
   np.testing.assert_allclose(scales, np.abs(xf).max(1, keepdims=True) / 31, rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["interpret", "tpu_interpret"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_no_bias_and_zero_rows(backend):
   x, qw, _ = _case(9, 64, 32, 4)
   x = x.at[3].set(0.0)  # an all-zero token must give exactly zero, not NaN
@@ -108,8 +112,61 @@ def test_no_bias_and_zero_rows(backend):
   assert np.all(np.asarray(out[3]) == 0)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("m", [1, 45, 130])  # 45, 130: ragged against every kernel's row tile
+def test_act_clip_and_bf16_output_against_the_integer_oracle(backend, m):
+  x, qw, bias = _case(m, 256, 160, 4, seed=m + 1)
+  clip = jnp.asarray(0.45)
+  out = _run(x, qw, bias, backend, act_clip=clip, out_dtype=jnp.bfloat16)
+  assert out.dtype == jnp.bfloat16 and out.shape == (m, 160)
+  exact = _exact(x, qw, bias, 6, clip=0.45)
+  np.testing.assert_allclose(np.asarray(out, np.float32), exact, rtol=2 ** -8, atol=1e-5)
+  # The clip matters: min-max scaling gives other codes, hence another output.
+  assert not np.allclose(exact, _exact(x, qw, bias, 6), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bf16_in_bf16_out_with_clip_equals_reference(backend):
+  x, qw, bias = _case(77, 128, 96, 4, seed=4, dtype=jnp.bfloat16)
+  ref = w4a6_matmul(x, qw, bias, act_clip=0.6, backend="reference")
+  out = _run(x, qw.unpacked(), bias, backend, act_clip=0.6)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                             rtol=2 ** -8, atol=1e-6)
+
+
+def test_xla_int8_is_one_int8_dot_on_unpacked_weights():
+  """No unpacking in the program when the weight was unpacked at load, and the dot
+  is int8 × int8 → int32 (an s32 dot in the optimised HLO)."""
+  x, qw, bias = _case(64, 128, 96, 4, dtype=jnp.bfloat16)
+  fn = jax.jit(lambda x, qw, b: w4a6_matmul(x, qw, b, backend="xla_int8"))
+  hlo = fn.lower(x, qw.unpacked(), bias).compile().as_text()
+  assert "u8[" not in hlo and "s32[64,96]" in hlo
+  assert "u8[96,64]" in fn.lower(x, qw, bias).compile().as_text()  # packed: unpacked per call
+
+
+def test_unpacked_weight_form():
+  qw = quantize_weight(np.random.default_rng(1).standard_normal((64, 24)), 4)
+  un = qw.unpacked()
+  assert qw.packed and not un.packed and un.bits == 4 and un.in_features == 64
+  assert un.data.dtype == jnp.int8 and un.data.shape == (24, 64) and un.unpacked() is un
+  np.testing.assert_array_equal(np.asarray(un.data), np.asarray(unpack_codes(qw)))
+  np.testing.assert_array_equal(dequantize_weight(un), dequantize_weight(qw))
+
+
+@pytest.mark.parametrize("m_tiles,n_tiles", [(1, 1), (5, 3), (8, 2), (17, 4), (9, 60)])
+def test_gpu_program_order_visits_every_tile_once(m_tiles, n_tiles):
+  from pallas_kernels.pallas_gpu import GROUP_M, tile_ids
+  ids = [tuple(int(v) for v in tile_ids(jnp.int32(p), m_tiles, n_tiles))
+         for p in range(m_tiles * n_tiles)]
+  assert sorted(ids) == [(i, j) for i in range(m_tiles) for j in range(n_tiles)]
+  # Consecutive programs share column tiles across up to GROUP_M row tiles.
+  assert {j for _, j in ids[:min(GROUP_M, m_tiles)]} == {0}
+
+
 @pytest.mark.parametrize("backend,platform", [("gpu", "cuda"), ("tpu", "tpu")])
-@pytest.mark.parametrize("m,k,n", [(17_776, 1920, 7680), (17_776, 7680, 1920), (7, 96, 96)])
+@pytest.mark.parametrize("m,k,n", [(17_776, 1920, 7680), (17_776, 7680, 1920), (7, 96, 96),
+                                   (17_776, 3072, 12288), (17_776, 12288, 3072)])
 def test_kernels_lower_for_their_hardware(backend, platform, m, k, n):
   """Cross-lowers on CPU: catches Triton's power-of-two and Mosaic's tiling rules
   (compiling the lowered IR still needs the device)."""
@@ -120,6 +177,18 @@ def test_kernels_lower_for_their_hardware(backend, platform, m, k, n):
                        disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
       jax.ShapeDtypeStruct((m, k), jnp.bfloat16), qw).mlir_module()
   assert f"custom_call @{target}" in text
+
+
+@pytest.mark.parametrize("backend,platform", [("gpu", "cuda"), ("tpu", "tpu")])
+def test_kernels_lower_with_unpacked_int8_weights(backend, platform):
+  """What a pinned kernel gets from a layer deployed with `auto` (int8 codes, not bytes)."""
+  qw = quantize_weight(np.ones((1920, 7680), np.float32), 4).unpacked()
+  fn = jax.jit(lambda x, qw: w4a6_matmul(x, qw, backend=backend))
+  target = "__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call"
+  text = export.export(fn, platforms=[platform],
+                       disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
+      jax.ShapeDtypeStruct((17_776, 1920), jnp.bfloat16), qw).mlir_module()
+  assert f"custom_call @{target}" in text and "ui8" not in text
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -209,8 +278,28 @@ def test_tpu_kernel_equals_reference(m, k, n):
                              rtol=2 ** -8, atol=1e-6)
 
 
-def test_benchmark_runs_on_cpu(capsys):
+def test_benchmark_runs_on_cpu(capsys, tmp_path):
+  """Smoke test at a tiny ragged shape: every column timed, outputs checked, JSON written."""
+  import json
   from pallas_kernels import benchmark
-  benchmark.main(["--shapes", "small", "--reps", "1"])
-  out = capsys.readouterr().out
-  assert "1000×256×1024" in out and "vs int8" in out
+  path = tmp_path / "kernels.json"
+  benchmark.main(["--shapes", "tiny", "--reps", "2", "--backends", "xla_int8,interpret,auto",
+                  "--block-m", "32", "--block-n", "32", "--block-k", "64", "--json", str(path)])
+  assert "45×128×96" in capsys.readouterr().out
+  result = json.loads(path.read_text())
+  assert result["versions"]["jax"] == jax.__version__ and result["device"].startswith("cpu")
+  r, = result["results"]
+  assert r["shape"] == [45, 128, 96]
+  assert set(r["seconds"]) == {"bf16", "quant", "xla_int8 noq", "xla_int8", "interpret", "auto"}
+  assert all(s > 0 for s in r["seconds"].values())
+  # Quantized columns equal the reference; bf16 is off by the quantization error.
+  assert max(v for k, v in r["rel_diff_vs_reference"].items() if k != "bf16") < 2 ** -7
+  assert 1e-3 < r["rel_diff_vs_reference"]["bf16"] < 0.2
+
+
+def test_benchmark_check_catches_a_wrong_output():
+  from pallas_kernels import benchmark
+  ref = jnp.ones((4, 4), jnp.bfloat16)
+  assert benchmark._check("same", ref, ref) == 0.0
+  with pytest.raises(AssertionError, match="differs from reference"):
+    benchmark._check("off", ref * 1.1, ref)
