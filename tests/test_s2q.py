@@ -109,10 +109,11 @@ def test_learned_parts_fold_into_the_deployed_checkpoint(calibrated, tmp_path, r
   assert float(jnp.linalg.norm(out - fq)) < 1e-3 * float(jnp.linalg.norm(fq - ref))
 
 
-def _block_chain(model, data):
-  """Each block's (text; video) output when `model` runs on the calibration inputs."""
-  video, text, temb = model.embed(data.latents, data.conditions, data.timesteps)
-  rotary = model.rotary_embedding(*data.latents.shape[1:2], *data.latents.shape[3:])
+def _block_chain(model, fp, data):
+  """Each block's (text; video) output when `model`'s blocks run on the calibration inputs,
+  embedded by the full-precision model (as calibration feeds every block)."""
+  video, text, temb = fp.embed(data.latents, data.conditions, data.timesteps)
+  rotary = fp.rotary_embedding(*data.latents.shape[1:2], *data.latents.shape[3:])
   outs = []
   for block in model.transformer_blocks:
     video, text = block(video, text, temb, rotary)
@@ -127,8 +128,8 @@ def test_each_block_reconstructs_better_than_round_to_nearest(calibrated):
   _, rtn, pool = _setup()
   quant.freeze_all(rtn)
   data = pool.model_inputs(np.asarray(stats["selection"]["positions"]), True)
-  fp_out = _block_chain(fp, data)
-  rtn_out, s2q_out = _block_chain(rtn, data), _block_chain(q, data)
+  fp_out = _block_chain(fp, fp, data)
+  rtn_out, s2q_out = _block_chain(rtn, fp, data), _block_chain(q, fp, data)
   for b, target in enumerate(fp_out):
     s2q_err = np.mean((s2q_out[b] - target) ** 2)
     assert s2q_err < np.mean((rtn_out[b] - target) ** 2), b
