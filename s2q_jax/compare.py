@@ -122,7 +122,8 @@ def summarize(reports: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict]) -> str:
-  """Mean ± std over seeds; the best mean PSNR and SSIM of each bit-width in bold."""
+  """Mean ± std over seeds (the value alone for one seed); best mean PSNR and SSIM of each
+  bit-width in bold."""
   best = {}
   for s in summary:
     for m in ("psnr", "ssim"):
@@ -134,7 +135,9 @@ def markdown_table(summary: list[dict]) -> str:
     v = s["metrics"][m]
     if v["mean"] is None:
       return "—"
-    text = f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
+    text = f"{v['mean']:.{digits}f}"
+    if len(s["seeds"]) > 1:  # one seed has no spread to show
+      text += f" ± {v['std']:.{digits}f}"
     return f"**{text}**" if m in ("psnr", "ssim") and v["mean"] == best[(s["bits"], m)] else text
 
   lines = ["| bits | method | seeds | PSNR (dB) | SSIM | temporal consistency | compression | "
