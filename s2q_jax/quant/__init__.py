@@ -20,8 +20,8 @@ we do not depend on qwix.
 """
 from s2q_jax.quant.apply import (LayerInfo, freeze_all, iter_linears, quantize_model,
                                  quantized_layers, replace_module)
-from s2q_jax.quant.qlinear import (ChannelShift, Codes, QuantLinear, QuantParam, Rotation,
-                                   SmoothScale, WeightClip)
+from s2q_jax.quant.qlinear import (ActClip, ChannelShift, Codes, KroneckerFactor, QuantLinear,
+                                   QuantParam, Rotation, SmoothScale, WeightClip)
 from s2q_jax.quant.quantizer import (activation_scales, check_bits, fake_quant_activations,
                                      fake_quant_weights, qrange, quantize, round_ste,
                                      weight_scales)
@@ -29,7 +29,8 @@ from s2q_jax.quant.rules import (DEFAULT_KEEP_FP, QuantRule, make_rules, match, 
                                  rules_from_config)
 
 __all__ = [
-    "ChannelShift", "Codes", "DEFAULT_KEEP_FP", "LayerInfo", "QuantLinear", "QuantParam",
+    "ActClip", "ChannelShift", "Codes", "DEFAULT_KEEP_FP", "KroneckerFactor", "LayerInfo",
+    "QuantLinear", "QuantParam",
     "QuantRule",
     "Rotation", "SmoothScale", "WeightClip", "activation_scales", "check_bits",
     "fake_quant_activations", "fake_quant_weights", "freeze_all", "iter_linears", "make_rules",
