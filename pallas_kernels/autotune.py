@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.timing import loop_time
+
 PIN_ENV = "S2Q_KERNEL_BACKEND"
 CACHE_ENV = "S2Q_AUTOTUNE_CACHE"
 MARGIN = 0.97  # a kernel must take < 97% of xla_int8's time to replace it
@@ -197,13 +199,6 @@ def _agree(out: jax.Array, ref: jax.Array) -> bool:
 
 
 def _time(c: Choice, p: Problem, args) -> float:
-  """Seconds per call: warm-up, then `REPS` calls and one sync (no per-call host round trip)."""
+  """Seconds per call of choice `c` (see `timing.loop_time`)."""
   fn = jax.jit(lambda x, qw, bias: _run(c, p, x, qw, bias))
-  for _ in range(WARMUP):
-    jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  out = None
-  for _ in range(REPS):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / REPS
+  return loop_time(fn, *args, reps=REPS, warmup=WARMUP)

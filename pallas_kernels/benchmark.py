@@ -23,13 +23,13 @@ import argparse
 import datetime
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import BACKENDS, quantize_weight, reference, w4a6_matmul, xla_int8
+from pallas_kernels.timing import loop_time
 
 TOKENS = 17_550 + 226  # CogVideoX, 49 frames at 480×720: video + text tokens
 SHAPES = {
@@ -51,18 +51,6 @@ def environment() -> dict:
           "device": f"{dev.platform}: {dev.device_kind}", "cpu_count": os.cpu_count(),
           "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
                        "numpy": np.__version__}}
-
-
-def loop_time(fn, *args, reps: int, warmup: int = 2) -> float:
-  """Seconds per call: `warmup` synced calls (compile included), then `reps` calls, one sync."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  out = None
-  for _ in range(reps):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / reps
 
 
 def _check(name: str, out: jax.Array, ref: jax.Array) -> float:

@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ from flax import nnx
 
 from conversion.flax_to_diffusers import save_diffusers
 from pallas_kernels.benchmark import environment as kernel_environment
+from pallas_kernels.timing import loop_time
 from s2q_jax import deploy, quant
 from s2q_jax.job_config import base_config
 from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
@@ -74,13 +74,7 @@ def time_forward(model: nnx.Module, args: tuple, reps: int) -> float:
   """Seconds per forward: one compile + warm-up call, then `reps` calls and a single sync."""
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
-  jax.block_until_ready(fn(state, *args))
-  start = time.perf_counter()
-  out = None
-  for _ in range(reps):
-    out = fn(state, *args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / reps
+  return loop_time(fn, state, *args, reps=reps, warmup=1)
 
 
 def _inputs(cfg: CogVideoXConfig, video: tuple[int, int, int]) -> tuple:
