@@ -15,6 +15,7 @@ for the same global batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -58,6 +59,43 @@ def _optimizer(lr: float, total_steps: int) -> optax.GradientTransformation:
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (target, output, λ) → loss
 
 
+@functools.lru_cache(maxsize=4)
+def _train_step(graphdef, groups: tuple[tuple[type, float], ...], total_steps: int, loss: LossFn,
+                mesh: jax.sharding.Mesh):
+  """(optimizers, jitted step) for blocks of one structure.
+
+  Cached so that every block of a model (the same graphdef) reuses one
+  compiled step instead of compiling its forward and backward pass again.
+  """
+  txs = tuple(_optimizer(lr, total_steps) for _, lr in groups)
+
+  def loss_fn(params, rest, rotary, video, text, temb, tv, tt, w):
+    model = nnx.merge(graphdef, *params, rest)
+    out_v, out_t = model(video, text, temb, rotary)
+    y = jnp.concatenate([out_t, out_v], axis=1)
+    return loss(jnp.concatenate([tt, tv], axis=1), y, w)
+
+  def local_grads(params, rest, rotary, *batch_arrays):
+    value, grads = jax.value_and_grad(loss_fn)(params, rest, rotary, *batch_arrays)
+    return jax.lax.pmean(value, "data"), jax.lax.pmean(grads, "data")
+
+  sharded_grads = jax.shard_map(local_grads, mesh=mesh,
+                                in_specs=(P(), P(), P()) + (P("data"),) * 6,
+                                out_specs=(P(), P()), check_vma=False)
+
+  @jax.jit
+  def step(params, rest, opt_state, rotary, *batch_arrays):
+    value, grads = sharded_grads(params, rest, rotary, *batch_arrays)
+    new_params, new_state = [], []
+    for (kind, _), tx, p, g, s in zip(groups, txs, params, grads, opt_state):
+      update, s = tx.update(g, s, p)
+      new_params.append(jax.tree.map(lambda v: project(v, kind), optax.apply_updates(p, update)))
+      new_state.append(s)
+    return tuple(new_params), tuple(new_state), value
+
+  return txs, step
+
+
 def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
                 mesh: jax.sharding.Mesh, groups: dict[type, float] | None = None,
                 loss: LossFn = weighted_token_mse) -> list[float]:
@@ -73,33 +111,9 @@ def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
   steps_per_epoch = max(n // batch, 1)
   graphdef, *params, rest = nnx.split(block, *groups, ...)
   params = tuple(params)
-  total = cfg.epochs * steps_per_epoch
-  txs = tuple(_optimizer(lr, total) for lr in groups.values())
+  txs, step = _train_step(graphdef, tuple(groups.items()), cfg.epochs * steps_per_epoch, loss,
+                          mesh)
   opt_state = tuple(tx.init(p) for tx, p in zip(txs, params))
-
-  def loss_fn(params, rest, video, text, temb, tv, tt, w):
-    model = nnx.merge(graphdef, *params, rest)
-    out_v, out_t = model(video, text, temb, rotary)
-    y = jnp.concatenate([out_t, out_v], axis=1)
-    return loss(jnp.concatenate([tt, tv], axis=1), y, w)
-
-  def local_grads(params, rest, *batch_arrays):
-    value, grads = jax.value_and_grad(loss_fn)(params, rest, *batch_arrays)
-    return jax.lax.pmean(value, "data"), jax.lax.pmean(grads, "data")
-
-  sharded_grads = jax.shard_map(local_grads, mesh=mesh,
-                                in_specs=(P(), P()) + (P("data"),) * 6,
-                                out_specs=(P(), P()), check_vma=False)
-
-  @jax.jit
-  def step(params, rest, opt_state, *batch_arrays):
-    value, grads = sharded_grads(params, rest, *batch_arrays)
-    new_params, new_state = [], []
-    for kind, tx, p, g, s in zip(groups, txs, params, grads, opt_state):
-      update, s = tx.update(g, s, p)
-      new_params.append(jax.tree.map(lambda v: project(v, kind), optax.apply_updates(p, update)))
-      new_state.append(s)
-    return tuple(new_params), tuple(new_state), value
 
   arrays = (data.video, data.text, data.temb, data.target_video, data.target_text, data.weights)
   sharding = NamedSharding(mesh, P("data"))
@@ -111,7 +125,7 @@ def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
     for i in range(steps_per_epoch):
       idx = order[i * batch:(i + 1) * batch]
       shard = [jax.device_put(jnp.asarray(a[idx]), sharding) for a in arrays]
-      params, opt_state, value = step(params, rest, opt_state, *shard)
+      params, opt_state, value = step(params, rest, opt_state, rotary, *shard)
       losses.append(float(value))
     history.append(float(np.mean(losses)))
     if not np.isfinite(history[-1]):

@@ -71,6 +71,22 @@ def _batched(fn: Callable, arrays: tuple, batch: int = 8):
   return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0])))
 
 
+def _layer_inputs(block, paths: set[str], arrays: tuple, rotary, *, transformed: bool = True
+                  ) -> dict[str, list[jax.Array]]:
+  """{layer path: [its inputs, one array per batch]} when `block` runs on `arrays`.
+
+  Collected after every batch: recorded inputs left in the block would enter the
+  next call as state, a new signature (a recompile) for every batch.
+  """
+  inputs: dict[str, list[jax.Array]] = {p: [] for p in paths}
+  with recording(block, paths, transformed=transformed) as collect:
+    for i in range(0, len(arrays[0]), 8):
+      _apply_block(block, *(a[i:i + 8] for a in arrays), rotary)
+      for p, xs in collect().items():
+        inputs[p] += xs
+  return inputs
+
+
 @nnx.jit
 def _block_importance(block, video, text, temb, rotary):
   n_v, n_t, _, _ = block.norm1(video, text, temb)
@@ -112,11 +128,13 @@ def _check_finite(block_index: int, layers) -> None:
 def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, recipe: BlockRecipe,
                      workdir: str, mesh: jax.sharding.Mesh, log=print) -> dict[str, Any]:
   """Calibrates q_model's blocks in place on the model inputs `data`; per-block statistics."""
-  video, text, temb = _batched(lambda x, c, t: _embed(fp_model, x, c, t),
-                               (data.latents, data.conditions, data.timesteps))
+  inputs = (data.latents, data.conditions, data.timesteps)
+  video, text, temb = _batched(lambda x, c, t: _embed(fp_model, x, c, t), inputs)
+  # The quantized blocks see what they will see at inference: the quantized model's
+  # embedding (its timestep MLP is quantized too, 8-bit weight-only by default).
+  video_q, text_q, temb_q = _batched(lambda x, c, t: _embed(q_model, x, c, t), inputs)
   f, _, h, w = data.latents.shape[1:]
   rotary = fp_model.rotary_embedding(f, h, w)
-  video_q, text_q = video, text
   run = lambda block, v, t, e: _batched(  # noqa: E731
       lambda v_, t_, e_: _apply_block(block, v_, t_, e_, rotary), (v, t, e))
 
@@ -139,7 +157,7 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
   for b, (fp_block, q_block) in enumerate(blocks):
     if b < done:  # replay finished blocks to get the next block's inputs
       video, text = run(fp_block, video, text, temb)
-      video_q, text_q = run(q_block, video_q, text_q, temb)
+      video_q, text_q = run(q_block, video_q, text_q, temb_q)
       continue
     start = time.perf_counter()
     recipe.prepare_block(q_block)
@@ -155,14 +173,15 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
       weights = np.ones((len(video), text.shape[1] + video.shape[1]), np.float32)
     smoothed = [(p, l) for p, l in layers if l.smooth is not None]
     if recipe.smooth_alpha is not None and smoothed:
-      with recording(q_block, {p for p, _ in smoothed}, transformed=False) as collect:
-        run(q_block, video_q, text_q, temb)
-        init_smoothing(smoothed, collect(), recipe.smooth_alpha)
+      init_smoothing(smoothed, _layer_inputs(q_block, {p for p, _ in smoothed},
+                                             (video_q, text_q, temb_q), rotary,
+                                             transformed=False),
+                     recipe.smooth_alpha)
     history = []
     if recipe.enabled:
       try:
         history = train_block(
-            q_block, BlockData(video_q, text_q, temb, target_v, target_t, weights), rotary,
+            q_block, BlockData(video_q, text_q, temb_q, target_v, target_t, weights), rotary,
             recipe.train, mesh, groups=recipe.groups,
             **({"loss": recipe.loss(text.shape[1], f)} if recipe.loss else {}))
       except NonFiniteLoss as e:
@@ -170,10 +189,9 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
         raise UserError(f"calibration diverged in block {b} ({e}); every layer's parameters "
                         "are finite, so the activations overflowed: lower the learning rates")
       _check_finite(b, layers)
-    with recording(q_block, paths) as collect:
-      run(q_block, video_q, text_q, temb)
-      freeze_block(layers, collect(), recipe.gptq)
-    video_q, text_q = run(q_block, video_q, text_q, temb)
+    freeze_block(layers, _layer_inputs(q_block, paths, (video_q, text_q, temb_q), rotary),
+                 recipe.gptq)
+    video_q, text_q = run(q_block, video_q, text_q, temb_q)
     video, text = target_v, target_t
     err = float(np.mean((np.concatenate([text_q, video_q], 1) -
                          np.concatenate([target_t, target_v], 1)) ** 2))

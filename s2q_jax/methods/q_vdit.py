@@ -13,6 +13,7 @@ the distillation keeps how much each frame resembles the others.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -43,6 +44,7 @@ def temporal_kl(target: jax.Array, output: jax.Array, n_text: int, frames: int) 
   return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=(-2, -1)))
 
 
+@functools.lru_cache(maxsize=8)  # one loss object per setting: blocks share a compiled step
 def tmd_loss(gamma: float, n_text: int, frames: int) -> LossFn:
   def loss(target, output, weights):
     del weights  # Q-VDiT weights every token alike
