@@ -113,7 +113,11 @@ def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
   params = tuple(params)
   txs, step = _train_step(graphdef, tuple(groups.items()), cfg.epochs * steps_per_epoch, loss,
                           mesh)
-  opt_state = tuple(tx.init(p) for tx, p in zip(txs, params))
+  # Replicated from the first step on, as the step's outputs are: the same input
+  # shardings at every call, so one compilation serves them all.
+  replicated = NamedSharding(mesh, P())
+  params, rest, rotary = jax.device_put((params, rest, rotary), replicated)
+  opt_state = jax.device_put(tuple(tx.init(p) for tx, p in zip(txs, params)), replicated)
 
   arrays = (data.video, data.text, data.temb, data.target_video, data.target_text, data.weights)
   sharding = NamedSharding(mesh, P("data"))

@@ -38,13 +38,14 @@ from s2q_jax.quant.qlinear import Codes, QuantParam
 class BlockRecipe:
   """What a block-wise method does to each block.
 
-  `prepare_block(block)` adds the method's state to a block's quantized layers;
-  it must be idempotent (resuming calls it on finished blocks too, to rebuild
+  `prepare_block(block, name)` adds the method's state to a block's quantized
+  layers (`name` is the block's path in the model, e.g. "transformer_blocks.3"); it
+  must be idempotent (resuming calls it on finished blocks too, to rebuild
   the structure the checkpoint restores into). `groups` maps the learned
   Variable types to learning rates; `loss(n_text, frames)` builds the
   reconstruction loss (None: the token-weighted MSE).
   """
-  prepare_block: Callable[[nnx.Module], None]
+  prepare_block: Callable[[nnx.Module, str], None]
   groups: dict[type, float]
   train: TrainConfig
   loss: Callable[[int, int], LossFn] | None = None
@@ -113,8 +114,11 @@ def freeze_block(layers, inputs: dict, use_gptq: bool) -> None:
     h = None
     for x in inputs[path]:
       h = accumulate_hessian(h, x)
-    layer.freeze(gptq_quantize(layer.effective_kernel(), h, layer.weight_scales(),
-                               bits=layer.w_bits))
+    try:
+      layer.freeze(gptq_quantize(layer.effective_kernel(), h, layer.weight_scales(),
+                                 bits=layer.w_bits))
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
 
 
 def _check_finite(block_index: int, layers) -> None:
@@ -143,8 +147,8 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
   blocks = list(zip(fp_model.transformer_blocks, q_model.transformer_blocks))
   done = ckpt.latest_step() or 0
   if done:
-    for _, q_block in blocks[:done]:
-      recipe.prepare_block(q_block)
+    for b, (_, q_block) in enumerate(blocks[:done]):
+      recipe.prepare_block(q_block, f"transformer_blocks.{b}")
       for _, layer in quantized_layers(q_block):
         layer.freeze()  # placeholders with the right structure, overwritten by the restore
     state = nnx.state(q_model, nnx.Any(QuantParam, Codes))
@@ -160,7 +164,7 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
       video_q, text_q = run(q_block, video_q, text_q, temb_q)
       continue
     start = time.perf_counter()
-    recipe.prepare_block(q_block)
+    recipe.prepare_block(q_block, f"transformer_blocks.{b}")
     layers = quantized_layers(q_block)
     paths = {p for p, _ in layers}
     target_v, target_t = run(fp_block, video, text, temb)

@@ -56,11 +56,11 @@ def tmd_loss(gamma: float, n_text: int, frames: int) -> LossFn:
 def recipe(cfg, frames: int, n_text: int) -> BlockRecipe:
   """Q-VDiT's block recipe: estimator branch + clipping, TMD loss, no smoothing, RTN codes."""
 
-  def prepare_block(block: nnx.Module) -> None:
+  def prepare_block(block: nnx.Module, name: str) -> None:
     for path, layer in quantized_layers(block):
       if not isinstance(layer, TokenAwareLinear):
         replace_module(block, path, TokenAwareLinear(
-            layer, w_bits=layer.w_bits, a_bits=layer.a_bits, path=layer.path, frames=frames,
+            layer, w_bits=layer.w_bits, a_bits=layer.a_bits, path=f"{name}.{path}", frames=frames,
             n_text=n_text, seed=cfg.seed))
 
   lr = cfg.q_vdit.lr_estimator

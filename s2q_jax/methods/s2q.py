@@ -116,7 +116,8 @@ def add_quantizer_state(layer: QuantLinear, cfg) -> None:
 def recipe(cfg) -> BlockRecipe:
   d = cfg.distill
 
-  def prepare_block(block: nnx.Module) -> None:
+  def prepare_block(block: nnx.Module, name: str) -> None:
+    del name  # every layer starts alike
     for _, layer in quantized_layers(block):
       add_quantizer_state(layer, cfg)
 

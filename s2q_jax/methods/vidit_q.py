@@ -73,7 +73,7 @@ def calibrate(q_model: nnx.Module, fp_model: nnx.Module, pool: Pool, cfg, workdi
   for path, layer in layers:
     per_range = []
     for r in range(len(boundaries) + 1):
-      sub = QuantLinear(layer, w_bits=layer.w_bits, a_bits=layer.a_bits, path=layer.path)
+      sub = QuantLinear(layer, w_bits=layer.w_bits, a_bits=layer.a_bits)
       sub.smooth = SmoothScale(balancing_vector(absmax[path][r], layer.kernel[...],
                                                 cfg.vidit_q.alpha))
       if cfg.vidit_q.rotation:

@@ -101,7 +101,8 @@ class QuantLinear(nnx.Module):
   """Fake-quantized linear layer; `w_bits` per output channel, `a_bits` per token (None: FP)."""
 
   def __init__(self, linear: Linear, *, w_bits: int, a_bits: int | None, path: str = ""):
-    self.path = path
+    # `path` only names the layer in errors here. Not stored: a per-layer string would make
+    # every block's graph distinct, and so recompile each jitted function once per block.
     self.w_bits = quantizer.check_bits(w_bits, f"{path} w_bits")
     self.a_bits = None if a_bits is None else quantizer.check_bits(a_bits, f"{path} a_bits")
     self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -236,14 +237,14 @@ class QuantLinear(nnx.Module):
   def _check_codes(self, codes: jax.Array) -> None:
     # Casting to int8 would silently wrap codes that are off the b-bit grid.
     if codes.shape != (self.in_features, self.out_features):
-      raise ValueError(f"{self.path}: codes of shape {codes.shape}, expected "
+      raise ValueError(f"codes of shape {codes.shape}, expected "
                        f"{(self.in_features, self.out_features)} (K, N)")
     if isinstance(codes, jax.core.Tracer):
       return
     lo, hi = quantizer.qrange(self.w_bits)
     c = np.asarray(codes, np.float64)
     if not (np.all(c == np.round(c)) and c.min() >= lo and c.max() <= hi):
-      raise ValueError(f"{self.path}: codes must be integers in [{lo}, {hi}] for "
+      raise ValueError(f"codes must be integers in [{lo}, {hi}] for "
                        f"{self.w_bits}-bit weights (got [{c.min()}, {c.max()}])")
 
   def export(self) -> dict[str, jax.Array]:
