@@ -34,15 +34,22 @@ def config_path(folder: str) -> str:
 
 
 class TensorSource:
-  """Lazy {diffusers key: tensor} view over the weight files of a model folder."""
+  """Lazy {key: tensor} view over the weight files of a model folder.
 
-  def __init__(self, folder: str, *, allow_pickle: bool = False):
+  `weights_name` is the single-file name; a sharded checkpoint has its index
+  beside it as `<weights_name>.index.json` (diffusers' and transformers' layout;
+  transformers names the file "model.safetensors").
+  """
+
+  def __init__(self, folder: str, *, allow_pickle: bool = False,
+               weights_name: str = WEIGHTS_NAME):
     self.folder = folder
     self._files: dict[str, str] = {}  # key → file
     self._pickled: dict[str, np.ndarray] | None = None
     self._open: dict[str, object] = {}
-    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
-    single = os.path.join(folder, WEIGHTS_NAME)
+    index_name = f"{weights_name}.index.json"
+    index = os.path.join(folder, index_name)
+    single = os.path.join(folder, weights_name)
     if os.path.isfile(index):
       self._read_index(index)
     elif os.path.isfile(single):
@@ -52,7 +59,7 @@ class TensorSource:
       pickled = [os.path.join(folder, n) for n in PICKLE_NAMES
                  if os.path.isfile(os.path.join(folder, n))]
       if not pickled:
-        raise CheckpointError(f"{folder} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+        raise CheckpointError(f"{folder} has no {weights_name} or {index_name}")
       self._pickled = _load_pickle(pickled[0], allow_pickle)
 
   def _read_index(self, index: str) -> None:
