@@ -122,7 +122,7 @@ class T5Block(nnx.Module):
 
 
 class T5Encoder(nnx.Module):
-  """`encoder(input_ids (B, L) int) → (B, L, d_model)`, as `T5EncoderModel(...).last_hidden_state`."""
+  """`encoder(input_ids (B, L)) → (B, L, d_model)`: `T5EncoderModel(...).last_hidden_state`."""
 
   def __init__(self, config: T5EncoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = config

@@ -46,7 +46,8 @@ class T5EncoderConfig:
       # max_distance divides by log(≤1) and gives meaningless buckets.
       raise UnsupportedConfigError(
           f"config relative_attention_max_distance={self.relative_attention_max_distance} must "
-          f"exceed relative_attention_num_buckets // 4 = {self.relative_attention_num_buckets // 4}")
+          "exceed relative_attention_num_buckets // 4 = "
+          f"{self.relative_attention_num_buckets // 4}")
 
   @property
   def is_gated_act(self) -> bool:

@@ -35,9 +35,11 @@ _EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight")
 _IGNORED_PREFIXES = ("decoder.", "lm_head.")
 # (NNX parameter path, transformers key) patterns; kernels are transposed Linear weights.
 _KEYMAP = (
-    (r"relative_attention_bias", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+    (r"relative_attention_bias",
+     "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
     (r"blocks\.(\d+)\.attn_norm\.scale", r"encoder.block.\1.layer.0.layer_norm.weight"),
-    (r"blocks\.(\d+)\.attn\.(q|k|v|o)\.kernel", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
+    (r"blocks\.(\d+)\.attn\.(q|k|v|o)\.kernel",
+     r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
     (r"blocks\.(\d+)\.ff_norm\.scale", r"encoder.block.\1.layer.1.layer_norm.weight"),
     (r"blocks\.(\d+)\.ff\.(wi|wi_0|wi_1|wo)\.kernel",
      r"encoder.block.\1.layer.1.DenseReluDense.\2.weight"),
