@@ -17,6 +17,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 PICKLE_NAMES = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.pt")
 CONFIG_NAME = "config.json"
+PIPELINE_INDEX_NAME = "model_index.json"
 
 
 class CheckpointError(ValueError):
@@ -31,6 +32,22 @@ def config_path(folder: str) -> str:
     raise CheckpointError(f"{folder} has no {CONFIG_NAME}: pass a diffusers transformer folder "
                           "(the 'transformer' sub-folder of a pipeline) or a converted checkpoint")
   return path
+
+
+def pipeline_component(folder: str, component: str) -> str:
+  """`folder` itself, or its `component` sub-folder when it is a whole diffusers pipeline.
+
+  A pipeline folder is recognised by its `model_index.json`.
+  """
+  folder = os.fspath(folder)
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"{folder} is not a directory")
+  if not os.path.isfile(os.path.join(folder, PIPELINE_INDEX_NAME)):
+    return folder
+  sub = os.path.join(folder, component)
+  if not os.path.isdir(sub):
+    raise CheckpointError(f"the pipeline folder {folder} has no {component}/ sub-folder")
+  return sub
 
 
 class TensorSource:

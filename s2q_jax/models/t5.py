@@ -80,13 +80,14 @@ class SelfAttention(nnx.Module):
     self.v = Linear(cfg.d_model, cfg.inner_dim, use_bias=False, dtype=dtype, rngs=rngs)
     self.o = Linear(cfg.inner_dim, cfg.d_model, use_bias=False, dtype=dtype, rngs=rngs)
 
+  def _heads(self, x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:2], self.num_heads, self.head_dim)  # (B, L, H, D)
+
   def __call__(self, x: jax.Array, position_bias: jax.Array, mask: jax.Array | None) -> jax.Array:
-    b, length, _ = x.shape
-    heads = lambda y: y.reshape(b, length, self.num_heads, self.head_dim)  # noqa: E731
-    q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+    q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
     out = jax.nn.dot_product_attention(q, k, v, bias=position_bias.astype(q.dtype), mask=mask,
                                        scale=1.0)
-    return self.o(out.reshape(b, length, self.num_heads * self.head_dim))
+    return self.o(out.reshape(*x.shape[:2], self.num_heads * self.head_dim))
 
 
 class FeedForward(nnx.Module):

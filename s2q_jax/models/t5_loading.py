@@ -17,14 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conversion.checkpoint_files import CheckpointError, TensorSource
+from conversion.checkpoint_files import CheckpointError, TensorSource, pipeline_component
 from s2q_jax.models.loading import check_finite_weights
 from s2q_jax.models.params import load_flat_params, param_shapes
 from s2q_jax.models.t5 import T5Encoder
 from s2q_jax.models.t5_config import T5EncoderConfig
 
 WEIGHTS_NAME = "model.safetensors"
-PIPELINE_INDEX = "model_index.json"
 TEXT_ENCODER_DIR = "text_encoder"
 SUPPORTED_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
 
@@ -57,19 +56,7 @@ def transformers_key(path: str) -> str:
   raise KeyError(f"no transformers key for T5Encoder parameter {path}")
 
 
-def text_encoder_folder(folder: str) -> str:
-  """`folder` itself, or its `text_encoder/` when it is a whole diffusers pipeline."""
-  folder = os.fspath(folder)
-  if not os.path.isdir(folder):
-    raise CheckpointError(f"{folder} is not a directory")
-  if os.path.isfile(os.path.join(folder, PIPELINE_INDEX)):
-    folder = os.path.join(folder, TEXT_ENCODER_DIR)
-    if not os.path.isdir(folder):
-      raise CheckpointError(f"the pipeline folder has no {TEXT_ENCODER_DIR}/ sub-folder ({folder})")
-  return folder
-
-
-def read_text_encoder_config(folder: str) -> T5EncoderConfig:
+def _read_config(folder: str) -> T5EncoderConfig:
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):
     raise CheckpointError(f"{folder} has no config.json: pass the {TEXT_ENCODER_DIR}/ folder of a "
@@ -154,8 +141,8 @@ def load_text_encoder(folder: str | os.PathLike, dtype=None) -> T5Encoder:
   missing, unexpected or mis-shaped key, and `UnsupportedConfigError` for a
   configuration this encoder does not compute.
   """
-  folder = text_encoder_folder(folder)
-  config = read_text_encoder_config(folder)
+  folder = pipeline_component(folder, TEXT_ENCODER_DIR)
+  config = _read_config(folder)
   params = _TransformersParams(folder, config)
   dtype = _resolve_dtype(dtype, params.stored_dtype, folder)
   model = _abstract(config, dtype)

@@ -13,6 +13,7 @@ optional dependencies, imported only when a tokenizer is loaded.
 """
 from __future__ import annotations
 
+import abc
 import importlib
 import json
 import os
@@ -21,11 +22,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from conversion.checkpoint_files import CheckpointError
+from conversion.checkpoint_files import CheckpointError, pipeline_component
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "spiece.model"
-PIPELINE_INDEX = "model_index.json"
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_MAX_LENGTH = 226  # CogVideoX's max_sequence_length
 _INSTALL = "pip install 's2q-jax[pipelines]'"
@@ -39,11 +39,10 @@ def _import(name: str):
                       f"(or {_INSTALL})") from None
 
 
-class T5Tokenizer:
+class T5Tokenizer(abc.ABC):
   """`tokenizer(prompts, max_length)` → int32 token ids (batch, max_length)."""
 
   pad_id: int
-  vocab_size: int  # the largest id it can produce, plus one
 
   def __call__(self, prompts: str | Sequence[str], max_length: int = DEFAULT_MAX_LENGTH
                ) -> np.ndarray:
@@ -57,9 +56,9 @@ class T5Tokenizer:
       row[:len(ids)] = ids
     return out
 
+  @abc.abstractmethod
   def _encode(self, prompts: list[str], max_length: int) -> list[list[int]]:
     """Each prompt's ids, truncated and with EOS, before padding."""
-    raise NotImplementedError
 
 
 class FastT5Tokenizer(T5Tokenizer):
@@ -75,7 +74,6 @@ class FastT5Tokenizer(T5Tokenizer):
     if pad_id is None:
       raise CheckpointError(f"{path} has no padding token {pad_token!r} in its vocabulary")
     self.pad_id = pad_id
-    self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
 
   def _encode(self, prompts, max_length):
     # A saved tokenizer.json may carry the padding and truncation of its last
@@ -110,7 +108,6 @@ class SentencePieceT5Tokenizer(T5Tokenizer):
     self._special.update({f"<extra_id_{i}>": pieces + extra_ids - 1 - i for i in range(extra_ids)})
     self.pad_id = self._special[special["pad_token"]]
     self.eos_id = self._special[special["eos_token"]]
-    self.vocab_size = pieces + extra_ids
     longest_first = sorted(self._special, key=len, reverse=True)
     self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
@@ -142,18 +139,6 @@ def _read_json(path: str) -> dict:
       raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
-def tokenizer_folder(folder: str) -> str:
-  """`folder` itself, or its `tokenizer/` when it is a whole diffusers pipeline."""
-  folder = os.fspath(folder)
-  if not os.path.isdir(folder):
-    raise CheckpointError(f"{folder} is not a directory")
-  if os.path.isfile(os.path.join(folder, PIPELINE_INDEX)):
-    folder = os.path.join(folder, TOKENIZER_DIR)
-    if not os.path.isdir(folder):
-      raise CheckpointError(f"the pipeline folder has no {TOKENIZER_DIR}/ sub-folder ({folder})")
-  return folder
-
-
 def load_tokenizer(folder: str | os.PathLike) -> T5Tokenizer:
   """The T5 tokenizer of a transformers folder, or of a diffusers pipeline's `tokenizer/`.
 
@@ -161,7 +146,7 @@ def load_tokenizer(folder: str | os.PathLike) -> T5Tokenizer:
   `sentencepiece`); special tokens come from `tokenizer_config.json` or
   `special_tokens_map.json` when present, else T5's defaults.
   """
-  folder = tokenizer_folder(folder)
+  folder = pipeline_component(folder, TOKENIZER_DIR)
   config = {**_read_json(os.path.join(folder, "special_tokens_map.json")),
             **_read_json(os.path.join(folder, "tokenizer_config.json"))}
   special = {name: _token(config.get(name), default) for name, default in
