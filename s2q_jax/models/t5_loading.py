@@ -12,7 +12,6 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
