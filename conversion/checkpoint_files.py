@@ -17,6 +17,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 PICKLE_NAMES = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.pt")
 CONFIG_NAME = "config.json"
+PIPELINE_INDEX_NAME = "model_index.json"
 
 
 class CheckpointError(ValueError):
@@ -33,16 +34,39 @@ def config_path(folder: str) -> str:
   return path
 
 
-class TensorSource:
-  """Lazy {diffusers key: tensor} view over the weight files of a model folder."""
+def pipeline_component(folder: str, component: str) -> str:
+  """`folder` itself, or its `component` sub-folder when it is a whole diffusers pipeline.
 
-  def __init__(self, folder: str, *, allow_pickle: bool = False):
+  A pipeline folder is recognised by its `model_index.json`.
+  """
+  folder = os.fspath(folder)
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"{folder} is not a directory")
+  if not os.path.isfile(os.path.join(folder, PIPELINE_INDEX_NAME)):
+    return folder
+  sub = os.path.join(folder, component)
+  if not os.path.isdir(sub):
+    raise CheckpointError(f"the pipeline folder {folder} has no {component}/ sub-folder")
+  return sub
+
+
+class TensorSource:
+  """Lazy {key: tensor} view over the weight files of a model folder.
+
+  `weights_name` is the single-file name; a sharded checkpoint has its index
+  beside it as `<weights_name>.index.json` (diffusers' and transformers' layout;
+  transformers names the file "model.safetensors").
+  """
+
+  def __init__(self, folder: str, *, allow_pickle: bool = False,
+               weights_name: str = WEIGHTS_NAME):
     self.folder = folder
     self._files: dict[str, str] = {}  # key → file
     self._pickled: dict[str, np.ndarray] | None = None
     self._open: dict[str, object] = {}
-    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
-    single = os.path.join(folder, WEIGHTS_NAME)
+    index_name = f"{weights_name}.index.json"
+    index = os.path.join(folder, index_name)
+    single = os.path.join(folder, weights_name)
     if os.path.isfile(index):
       self._read_index(index)
     elif os.path.isfile(single):
@@ -52,7 +76,7 @@ class TensorSource:
       pickled = [os.path.join(folder, n) for n in PICKLE_NAMES
                  if os.path.isfile(os.path.join(folder, n))]
       if not pickled:
-        raise CheckpointError(f"{folder} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+        raise CheckpointError(f"{folder} has no {weights_name} or {index_name}")
       self._pickled = _load_pickle(pickled[0], allow_pickle)
 
   def _read_index(self, index: str) -> None:

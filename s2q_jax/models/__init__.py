@@ -1,8 +1,14 @@
-"""Flax NNX video diffusion transformers and their loading."""
+"""Flax NNX video diffusion transformers, the T5 text encoder, and their loading."""
 from s2q_jax.models.cogvideox import CogVideoXTransformer3D
 from s2q_jax.models.config import CogVideoXConfig, UnsupportedConfigError
 from s2q_jax.models.layers import Linear
 from s2q_jax.models.loading import load_pretrained
+from s2q_jax.models.prompts import encode_prompts
+from s2q_jax.models.t5 import T5Encoder
+from s2q_jax.models.t5_config import T5EncoderConfig
+from s2q_jax.models.t5_loading import load_text_encoder
+from s2q_jax.models.t5_tokenizer import T5Tokenizer, load_tokenizer
 
-__all__ = ["CogVideoXConfig", "CogVideoXTransformer3D", "Linear", "UnsupportedConfigError",
-           "load_pretrained"]
+__all__ = ["CogVideoXConfig", "CogVideoXTransformer3D", "Linear", "T5Encoder", "T5EncoderConfig",
+           "T5Tokenizer", "UnsupportedConfigError", "encode_prompts", "load_pretrained",
+           "load_text_encoder", "load_tokenizer"]
