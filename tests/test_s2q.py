@@ -111,8 +111,8 @@ def test_learned_parts_fold_into_the_deployed_checkpoint(calibrated, tmp_path, r
 
 def _block_chain(model, fp, data):
   """Each block's (text; video) output when `model`'s blocks run on the calibration inputs,
-  embedded by `model` itself (as calibration feeds every block)."""
-  video, text, temb = model.embed(data.latents, data.conditions, data.timesteps)
+  embedded by the full-precision model (as calibration feeds every block)."""
+  video, text, temb = fp.embed(data.latents, data.conditions, data.timesteps)
   rotary = fp.rotary_embedding(*data.latents.shape[1:2], *data.latents.shape[3:])
   outs = []
   for block in model.transformer_blocks:
@@ -203,7 +203,7 @@ def test_smoothing_starts_from_smoothquant(tmp_path):
   stats = s2q.calibrate(q, fp, pool, cfg, str(tmp_path), jax.make_mesh((1,), ("data",)),
                         log=lambda *_: None)
   data = pool.model_inputs(np.asarray(stats["selection"]["positions"]), True)
-  _, _, temb = q.embed(data.latents, data.conditions, data.timesteps)  # its own timestep MLP
+  _, _, temb = fp.embed(data.latents, data.conditions, data.timesteps)
   x_max = np.abs(np.asarray(jax.nn.silu(temb))).max(0)
   w_max = np.abs(np.asarray(fp.transformer_blocks[0].norm1.linear.kernel[...])).max(1)
   expected = np.clip(np.sqrt(x_max) / np.sqrt(w_max), 1e-2, 1e2)
