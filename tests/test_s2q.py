@@ -1,4 +1,5 @@
 """S²Q-VDiT calibration on a tiny model: runs, deploys, is deterministic, shards, resumes."""
+import logging
 import os
 import subprocess
 import sys
@@ -68,6 +69,27 @@ def test_pool_keeps_every_step():
 def calibrated(tmp_path_factory):
   """One uninterrupted calibration, shared by the tests below (calibration is slow on CPU)."""
   return _calibrate(tmp_path_factory.mktemp("calibrated"))
+
+
+def test_blocks_share_one_compiled_training_step(tmp_path, monkeypatch, caplog):
+  """Blocks of one structure reuse the jitted step, compiled once for the whole model and
+  not once per block (compiling dominated the default job's calibration)."""
+  from s2q_jax.distillation import block_reconstruction  # pylint: disable=import-outside-toplevel
+  make_step = block_reconstruction._train_step  # pylint: disable=protected-access
+  make_step.cache_clear()
+  steps = []
+
+  def spy(*args):
+    txs, step = make_step(*args)
+    steps.append(step)
+    return txs, step
+  monkeypatch.setattr(block_reconstruction, "_train_step", spy)
+  caplog.set_level(logging.WARNING)
+  with jax.log_compiles(True):
+    _calibrate(tmp_path)
+  assert len(steps) == CFG.num_layers and all(s is steps[0] for s in steps)
+  compiled = [r for r in caplog.records if "XLA compilation of jit(step)" in r.getMessage()]
+  assert len(compiled) == 1
 
 
 def test_calibration_runs_freezes_and_is_deterministic(calibrated, tmp_path):
