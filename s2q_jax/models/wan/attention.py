@@ -32,28 +32,31 @@ class RMSNorm(nnx.Module):
 
 
 def rotary_table(head_dim: int, grid: tuple[int, int, int], max_seq_len: int,
-                 theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+                 theta: float = 10000.0) -> Rotary:
   """(cos, sin), each (f·h·w, head_dim) float32, for a (f, h, w) grid of patches.
 
   The head dimension splits into frame, height and width parts, the last two
   of 2·⌊head_dim/6⌋ channels each; every part rotates interleaved channel
-  pairs by its axis' integer position. Angles are computed in float64 as
-  diffusers does, then rounded once.
+  pairs by its axis' integer position. Angles are computed in float64 with
+  numpy as diffusers does; only the per-axis tables enter the graph, and the
+  full table (tokens × head_dim, large for real videos) is broadcast in it.
   """
   if max(grid) > max_seq_len:
     raise ValueError(f"the patch grid {grid} (frames, height, width) exceeds "
                      f"rope_max_seq_len={max_seq_len} positions along an axis; "
                      "use a smaller input or a model trained with a larger rope_max_seq_len")
   hw_dim = 2 * (head_dim // 6)
-  parts = []
+  cos, sin = [], []
   for axis, dim in enumerate((head_dim - 2 * hw_dim, hw_dim, hw_dim)):
     freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     angles = np.repeat(np.outer(np.arange(grid[axis], dtype=np.float64), freqs), 2, axis=1)
     shape = [1, 1, 1, dim]
     shape[axis] = grid[axis]
-    parts.append(np.broadcast_to(angles.reshape(shape), (*grid, dim)))
-  angles = np.concatenate(parts, axis=-1).reshape(-1, head_dim)
-  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    for out, fn in ((cos, np.cos), (sin, np.sin)):
+      table = jnp.asarray(fn(angles).astype(np.float32)).reshape(shape)
+      out.append(jnp.broadcast_to(table, (*grid, dim)))
+  return (jnp.concatenate(cos, axis=-1).reshape(-1, head_dim),
+          jnp.concatenate(sin, axis=-1).reshape(-1, head_dim))
 
 
 class WanAttention(nnx.Module):

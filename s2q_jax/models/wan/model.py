@@ -151,10 +151,8 @@ class WanTransformer3D(nnx.Module):
   def rotary_embedding(self, frames: int, height: int, width: int) -> Rotary:
     """The (cos, sin) table, each (tokens, attention_head_dim), for latents of this size."""
     pt, ph, pw = self.config.patch_size
-    cos, sin = rotary_table(self.config.attention_head_dim,
-                            (frames // pt, height // ph, width // pw),
-                            self.config.rope_max_seq_len)
-    return jnp.asarray(cos), jnp.asarray(sin)
+    return rotary_table(self.config.attention_head_dim, (frames // pt, height // ph, width // pw),
+                        self.config.rope_max_seq_len)
 
   def embed(self, hidden_states: jax.Array, timestep: jax.Array,
             encoder_hidden_states: jax.Array, encoder_hidden_states_image: jax.Array | None = None):
