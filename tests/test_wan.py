@@ -15,7 +15,7 @@ from s2q_jax.models import UnsupportedConfigError, WanConfig, load_pretrained
 from s2q_jax.models.config import MissingConfigFieldWarning
 from s2q_jax.models.loading import abstract_model, model_from_params
 from s2q_jax.models.params import flat_params, param_shapes
-from s2q_jax.models.wan.keymap import torch_key
+from s2q_jax.models.wan.keymap import torch_key, torch_shape
 from s2q_jax.quant.apply import freeze_all, iter_linears, quantize_model
 from s2q_jax.quant.rules import make_rules
 
@@ -232,6 +232,20 @@ def test_sharded_checkpoint_loads(wan_dir, tmp_path):
   assert (tmp_path / "sharded" / f"{WEIGHTS}.index.json").exists()
   a, b = flat_params(load_pretrained(str(src))), flat_params(load_pretrained(str(tmp_path / "sharded")))
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sizes", [
+    dict(num_attention_heads=12, ffn_dim=8960),  # Wan 2.1 T2V 1.3B
+    dict(image_dim=1280, added_kv_proj_dim=5120, pos_embed_seq_len=514),  # Wan 2.1 FLF2V 14B
+])
+def test_real_sizes_map_key_for_key(sizes):
+  """Released Wan 2.1 sizes (one block: the others repeat it), on torch's meta device."""
+  with torch.device("meta"):
+    tm = diffusers.WanTransformer3DModel(**sizes, num_layers=1)
+  cfg = WanConfig(**sizes, num_layers=1)
+  ours = {torch_key(p): torch_shape(p, s, cfg)
+          for p, (s, _) in param_shapes(abstract_model(cfg)).items()}
+  assert ours == {k: tuple(v.shape) for k, v in tm.state_dict().items()}
 
 
 def _edit_weights(folder, edit):
