@@ -1,4 +1,4 @@
-"""Converts a diffusers CogVideoX transformer folder into a Flax (orbax) checkpoint.
+"""Converts a diffusers transformer folder into a Flax (orbax) checkpoint.
 
   python -m conversion.diffusers_to_flax --src DIR --dst DIR [--dtype bfloat16]
 

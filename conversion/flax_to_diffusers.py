@@ -1,4 +1,4 @@
-"""Writes a Flax CogVideoX model as a diffusers folder that `from_pretrained` loads.
+"""Writes a Flax model as a diffusers folder that `from_pretrained` loads.
 
   python -m conversion.flax_to_diffusers --src CONVERTED_DIR --dst DIR
 """
@@ -12,7 +12,6 @@ import sys
 import numpy as np
 from safetensors.numpy import save_file
 
-from conversion import keymap
 from conversion.checkpoint_files import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from conversion.output_dir import atomic_output_dir
 
@@ -20,15 +19,17 @@ DIFFUSERS_VERSION = "0.42.1"  # the version the export format was checked agains
 
 
 def diffusers_state_dict(model, dtype: str | None = None) -> dict[str, np.ndarray]:
-  """{diffusers key: array in PyTorch layout} of a Flax CogVideoX model, optionally cast."""
-  from s2q_jax.models.params import flat_params  # pylint: disable=import-outside-toplevel
-  cfg = model.config
+  """{diffusers key: array in PyTorch layout} of a Flax model, optionally cast."""
+  # pylint: disable=import-outside-toplevel
+  from s2q_jax.models.loading import architecture
+  from s2q_jax.models.params import flat_params
+  arch = architecture(model.config)
   out = {}
   for path, value in flat_params(model).items():
-    conv = keymap.conv_kernel_shape(path, cfg.in_channels, cfg.patch_size, cfg.inner_dim)
     if dtype is not None:
       value = value.astype(dtype)
-    out[keymap.torch_key(path)] = np.ascontiguousarray(keymap.to_torch(path, np.asarray(value), conv))
+    shape = arch.torch_shape(path, tuple(value.shape), model.config)
+    out[arch.torch_key(path)] = np.ascontiguousarray(arch.to_torch(path, np.asarray(value), shape))
   return out
 
 

@@ -32,7 +32,7 @@ def to_flax(flax_path: str, tensor: np.ndarray, flax_shape: tuple[int, ...]) -> 
   """Converts a diffusers tensor to the layout of the Flax parameter at `flax_path`."""
   if not flax_path.endswith(".kernel"):
     return tensor
-  if tensor.ndim == 4:  # patch-embedding Conv2d (out, in, p, p) → Linear on (c, p, q) patches
+  if tensor.ndim > 2:  # patch-embedding Conv2d/3d (out, in, *patch) → Linear on (c, *patch) patches
     return tensor.reshape(tensor.shape[0], -1).T
   if tensor.ndim == 2 and tuple(tensor.T.shape) == tuple(flax_shape):
     return tensor.T
@@ -41,7 +41,7 @@ def to_flax(flax_path: str, tensor: np.ndarray, flax_shape: tuple[int, ...]) -> 
 
 def to_torch(flax_path: str, array: np.ndarray, torch_shape: tuple[int, ...] | None = None
              ) -> np.ndarray:
-  """Inverse of `to_flax`; `torch_shape` restores the Conv2d kernel's 4D shape."""
+  """Inverse of `to_flax`; `torch_shape` restores a patch-embedding Conv kernel's shape."""
   if not flax_path.endswith(".kernel"):
     return array
   out = array.T

@@ -26,7 +26,7 @@ from s2q_jax.calibration import pool as pool_lib
 from s2q_jax.generation import generate
 from s2q_jax.methods import CALIBRATORS, METHODS
 from pallas_kernels import BACKENDS
-from s2q_jax.models import UnsupportedConfigError, load_pretrained
+from s2q_jax.models import CogVideoXTransformer3D, UnsupportedConfigError, load_pretrained
 
 
 def validate(cfg: ConfigDict) -> None:
@@ -56,11 +56,16 @@ def load_model(cfg: ConfigDict):
   folder = cfg.model.path or embedded.path()
   name = os.path.basename(os.path.normpath(cfg.model.path)) if cfg.model.path else embedded.NAME
   try:
-    return load_pretrained(folder, cfg.model.dtype), folder, name
+    model = load_pretrained(folder, cfg.model.dtype)
   except (CheckpointError, UnsupportedConfigError, FileNotFoundError) as e:
     raise UserError(f"model.path {folder!r} is not a supported model: {e}") from None
   except OSError as e:
     raise outputs.io_error(e.filename or folder, e, "read") from None
+  if not isinstance(model, CogVideoXTransformer3D):
+    raise UserError(f"model.path {folder!r} holds a {model.config.to_dict()['_class_name']}: "
+                    "s2q_jax.models loads and converts it, but the quantization job supports "
+                    "CogVideoX only so far")
+  return model, folder, name
 
 
 def eval_inputs(cfg: ConfigDict, model, folder: str):

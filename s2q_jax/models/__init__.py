@@ -8,7 +8,8 @@ from s2q_jax.models.t5 import T5Encoder
 from s2q_jax.models.t5_config import T5EncoderConfig
 from s2q_jax.models.t5_loading import load_text_encoder
 from s2q_jax.models.t5_tokenizer import T5Tokenizer, load_tokenizer
+from s2q_jax.models.wan import WanConfig, WanTransformer3D
 
 __all__ = ["CogVideoXConfig", "CogVideoXTransformer3D", "Linear", "T5Encoder", "T5EncoderConfig",
-           "T5Tokenizer", "UnsupportedConfigError", "encode_prompts", "load_pretrained",
-           "load_text_encoder", "load_tokenizer"]
+           "T5Tokenizer", "UnsupportedConfigError", "WanConfig", "WanTransformer3D",
+           "encode_prompts", "load_pretrained", "load_text_encoder", "load_tokenizer"]

@@ -3,13 +3,15 @@
 A converted checkpoint is a folder with diffusers' `config.json` (plus an
 ``_s2q_jax`` entry) and an orbax checkpoint of the parameters in `params/`.
 Models are built abstractly (`nnx.eval_shape`) and filled with the loaded
-arrays, so loading never holds a second, randomly initialised copy.
+arrays, so loading never holds a second, randomly initialised copy. The
+config's `_class_name` picks the model family from `ARCHITECTURES`.
 """
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,20 +21,58 @@ from flax import nnx
 
 from conversion import keymap
 from conversion.checkpoint_files import CheckpointError, TensorSource, config_path
+from s2q_jax.models import wan
+from s2q_jax.models.architecture import Architecture
 from s2q_jax.models.cogvideox import CogVideoXTransformer3D
-from s2q_jax.models.config import CogVideoXConfig, warn_missing_fields
+from s2q_jax.models.config import (DIFFUSERS_CLASS_NAME, CogVideoXConfig, UnsupportedConfigError,
+                                   warn_missing_fields)
 from s2q_jax.models.params import flat_params, load_flat_params, param_shapes
 
 FORMAT_KEY = "_s2q_jax"
 PARAMS_DIR = "params"
 
 
-def abstract_model(config: CogVideoXConfig, dtype=jnp.float32) -> CogVideoXTransformer3D:
-  return nnx.eval_shape(lambda: CogVideoXTransformer3D(config, dtype=dtype, rngs=nnx.Rngs(0)))
+def _read_cogvideox_config(d: dict, origin: str) -> CogVideoXConfig:
+  warn_missing_fields(d, origin)
+  return CogVideoXConfig.from_dict(d)
 
 
-def model_from_params(config: CogVideoXConfig, params: Mapping[str, np.ndarray | jax.Array],
-                      dtype=jnp.float32) -> CogVideoXTransformer3D:
+def _cogvideox_torch_shape(path: str, flax_shape: tuple[int, ...], config: CogVideoXConfig):
+  conv = keymap.conv_kernel_shape(path, config.in_channels, config.patch_size, config.inner_dim)
+  if conv is not None:
+    return conv
+  return tuple(reversed(flax_shape)) if path.endswith(".kernel") else tuple(flax_shape)
+
+
+COGVIDEOX = Architecture(
+    class_name=DIFFUSERS_CLASS_NAME, config_type=CogVideoXConfig,
+    model_type=CogVideoXTransformer3D, read_config=_read_cogvideox_config,
+    torch_key=keymap.torch_key, torch_shape=_cogvideox_torch_shape, to_flax=keymap.to_flax,
+    to_torch=keymap.to_torch)
+
+# diffusers `_class_name` → model family. A config.json without `_class_name` is CogVideoX.
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.class_name: arch for arch in (COGVIDEOX, wan.ARCHITECTURE)}
+
+ModelConfig = Any  # the config dataclass of one of ARCHITECTURES
+
+
+def architecture(config: ModelConfig) -> Architecture:
+  """The family whose config type `config` is."""
+  for arch in ARCHITECTURES.values():
+    if isinstance(config, arch.config_type):
+      return arch
+  raise TypeError(f"{type(config).__name__} is not the config of a supported model "
+                  f"({', '.join(ARCHITECTURES)})")
+
+
+def abstract_model(config: ModelConfig, dtype=jnp.float32) -> nnx.Module:
+  model_type = architecture(config).model_type
+  return nnx.eval_shape(lambda: model_type(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def model_from_params(config: ModelConfig, params: Mapping[str, np.ndarray | jax.Array],
+                      dtype=jnp.float32) -> nnx.Module:
   """A model whose parameters are `params` ({dotted Flax path: array})."""
   model = abstract_model(config, dtype)
   load_flat_params(model, params)
@@ -46,12 +86,14 @@ class DiffusersParams(Mapping):
   any work; reading lazily keeps peak memory at about one copy of the model.
   """
 
-  def __init__(self, folder: str, config: CogVideoXConfig, dtype=None, *,
+  def __init__(self, folder: str, config: ModelConfig, dtype=None, *,
                allow_pickle: bool = False):
+    self._arch = arch = architecture(config)
     self._source = source = TensorSource(folder, allow_pickle=allow_pickle)
     self._shapes = {p: s for p, (s, _) in param_shapes(abstract_model(config)).items()}
-    self._keys = {path: keymap.torch_key(path) for path in self._shapes}
-    wanted, present = set(self._keys.values()), set(source.keys())
+    self._keys = {path: arch.torch_key(path) for path in self._shapes}
+    wanted = set(self._keys.values())
+    present = {k for k in source.keys() if k in wanted or not arch.ignores(k)}
     problems = []
     if missing := sorted(wanted - present):
       problems.append(f"missing keys: {', '.join(missing)}")
@@ -67,8 +109,8 @@ class DiffusersParams(Mapping):
     self.dtype = np.dtype(dtype) if dtype is not None else source.get(self._keys["proj_out.kernel"]).dtype
 
   def __getitem__(self, path: str) -> jax.Array:
-    return jnp.asarray(keymap.to_flax(path, self._source.get(self._keys[path]), self._shapes[path]),
-                       self.dtype)
+    tensor = self._source.get(self._keys[path])
+    return jnp.asarray(self._arch.to_flax(path, tensor, self._shapes[path]), self.dtype)
 
   def __iter__(self):
     return iter(self._shapes)
@@ -77,14 +119,11 @@ class DiffusersParams(Mapping):
     return len(self._shapes)
 
 
-def _torch_shape(path: str, flax_shape: tuple[int, ...], config: CogVideoXConfig):
-  conv = keymap.conv_kernel_shape(path, config.in_channels, config.patch_size, config.inner_dim)
-  if conv is not None:
-    return conv
-  return tuple(reversed(flax_shape)) if path.endswith(".kernel") else tuple(flax_shape)
+def _torch_shape(path: str, flax_shape: tuple[int, ...], config: ModelConfig):
+  return architecture(config).torch_shape(path, flax_shape, config)
 
 
-def save_converted(config: CogVideoXConfig, params: Mapping[str, np.ndarray | jax.Array],
+def save_converted(config: ModelConfig, params: Mapping[str, np.ndarray | jax.Array],
                    folder: str) -> None:
   """Writes config.json and an orbax checkpoint of `params` ({dotted path: array}) into `folder`.
 
@@ -103,7 +142,7 @@ def save_converted(config: CogVideoXConfig, params: Mapping[str, np.ndarray | ja
     ckptr.save(os.path.abspath(os.path.join(folder, PARAMS_DIR)), tree)
 
 
-def save_model(model: CogVideoXTransformer3D, folder: str) -> None:
+def save_model(model: nnx.Module, folder: str) -> None:
   save_converted(model.config, flat_params(model), folder)
 
 
@@ -111,24 +150,29 @@ def is_converted(folder: str) -> bool:
   return os.path.isdir(os.path.join(folder, PARAMS_DIR))
 
 
-def read_config(folder: str) -> CogVideoXConfig:
+def read_config(folder: str) -> ModelConfig:
   return _read_config(folder)[0]
 
 
-def _read_config(folder: str) -> tuple[CogVideoXConfig, dict]:
+def _read_config(folder: str) -> tuple[ModelConfig, dict]:
   with open(config_path(folder)) as f:
     try:
       raw = json.load(f)
     except json.JSONDecodeError as e:
       raise CheckpointError(f"{folder}/config.json is not valid JSON: {e}") from None
   meta = raw.pop(FORMAT_KEY, {})
-  warn_missing_fields(raw, config_path(folder))
-  return CogVideoXConfig.from_dict(raw), meta
+  class_name = raw.get("_class_name", DIFFUSERS_CLASS_NAME)
+  if class_name not in ARCHITECTURES:
+    raise UnsupportedConfigError(f"{config_path(folder)}: _class_name {class_name!r} is not "
+                                 f"supported; s2q-jax loads {', '.join(ARCHITECTURES)}")
+  return ARCHITECTURES[class_name].read_config(raw, config_path(folder)), meta
 
 
 def load_pretrained(path: str, dtype=None, *, allow_pickle: bool = False,
-                    backend: str = "auto") -> CogVideoXTransformer3D:
-  """Loads a diffusers CogVideoX folder, a converted checkpoint or a quantized checkpoint.
+                    backend: str = "auto") -> nnx.Module:
+  """Loads a diffusers folder, a converted checkpoint or a quantized checkpoint.
+
+  The model family (CogVideoX, Wan, ...) follows the config's `_class_name`.
 
   `dtype` None keeps the stored dtype (float32 compute for quantized
   checkpoints); otherwise parameters are cast to it. `backend` selects the
@@ -159,7 +203,7 @@ def check_finite_weights(model: nnx.Module, path: str, show: int = 3) -> None:
                           "the checkpoint is corrupt or was saved from a diverged training run")
 
 
-def _load(path: str, dtype, allow_pickle: bool, backend: str) -> CogVideoXTransformer3D:
+def _load(path: str, dtype, allow_pickle: bool, backend: str) -> nnx.Module:
   config, meta = _read_config(path)
   if meta.get("format") == "quantized":
     from s2q_jax.deploy import load_quantized  # pylint: disable=import-outside-toplevel
