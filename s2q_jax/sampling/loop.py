@@ -1,17 +1,19 @@
 """The sampling loop every scheduler runs in: classifier-free guidance and one `lax.scan`.
 
-A scheduler is a frozen dataclass of numpy constants computed once (in
-float64, cast to float32, as diffusers does) with three members the loop
-uses (`Scheduler` below). Its per-step state is a pytree carried by the
-scan: empty for one-step methods, the last x̂₀ predictions for multistep
-ones, plus a PRNG key for the stochastic CogVideoX DPM solver.
+A scheduler (`Scheduler` below) is a frozen dataclass of per-step numpy
+constants, computed once in float64 and cast to float32, with `timesteps`,
+`init_state` and `step`. Its state is a pytree the scan carries: empty for
+one-step methods, the last x̂₀ predictions for multistep ones, plus a PRNG
+key for the stochastic CogVideoX DPM solver.
 
 Every step also returns its x̂₀, the clean sample the (guided) model output
 implies; the calibration pool ranks steps by how it changes, which for a
 multistep or stochastic scheduler cannot be recovered from x_t and x_{t−1}.
-None of the supported schedulers scales the model input (diffusers'
-`scale_model_input` is the identity for all of them and the initial noise
-has unit variance), so the loop has no hook for it.
+Guidance follows the diffusers pipelines (one batched call on [uncond,
+cond]); CogVideoXPipeline's `use_dynamic_cfg` (a per-step guidance scale)
+is not implemented. No supported scheduler scales the model input
+(diffusers' `scale_model_input` is the identity for all of them and the
+initial noise has unit variance), so the loop has no hook for it.
 """
 from __future__ import annotations
 
