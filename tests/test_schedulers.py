@@ -34,6 +34,7 @@ COGVIDEOX_5B = {  # THUDM/CogVideoX-5b
     "snr_shift_scale": 1.0, "steps_offset": 0, "timestep_spacing": "trailing",
     "trained_betas": None}
 COGVIDEOX_2B_DPM = {**COGVIDEOX_5B, "snr_shift_scale": 3.0}  # 2B's numbers, DPM solver
+COGVIDEOX_2B = {**COGVIDEOX_2B_DPM, "_class_name": "CogVideoXDDIMScheduler"}  # THUDM/CogVideoX-2b
 HUNYUAN_VIDEO = {  # hunyuanvideo-community/HunyuanVideo
     "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 7.0,
     "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
@@ -83,6 +84,9 @@ def _reference_step(ref, out, i, x, x0_before):
     back = ref.timesteps[i - 1] if i > 0 else None
     x_next, x0 = ref.step(out_t, x0_before, t, back, x_t)
     return x_next, x0
+  if isinstance(ref, diffusers.CogVideoXDDIMScheduler):
+    result = ref.step(out_t, t, x_t)
+    return result.prev_sample, result.pred_original_sample
   x_next = ref.step(out_t, t, x_t).prev_sample
   if isinstance(ref, diffusers.UniPCMultistepScheduler):
     return x_next, ref.model_outputs[-1]
@@ -227,8 +231,8 @@ def _reference_loop(ref, noise, cond, uncond, g):
   return x, np.stack(inputs), np.stack(x0s)
 
 
-@pytest.mark.parametrize("config", [COGVIDEOX_5B, HUNYUAN_VIDEO, WAN_1_3B],
-                         ids=["cogvideox_dpm", "flow_match_euler", "unipc"])
+@pytest.mark.parametrize("config", [COGVIDEOX_2B, COGVIDEOX_5B, HUNYUAN_VIDEO, WAN_1_3B],
+                         ids=["cogvideox_ddim", "cogvideox_dpm", "flow_match_euler", "unipc"])
 def test_guided_sampling_matches_a_diffusers_loop(config, monkeypatch):
   num_steps, g, key = 12, 5.0, jax.random.key(7)
   rng = np.random.default_rng(4)
@@ -252,6 +256,7 @@ def test_guided_sampling_matches_a_diffusers_loop(config, monkeypatch):
   out, trajectory = run(noise, cond, uncond, key)
   errors = [_rel_err(out, expected), _rel_err(trajectory.inputs, inputs),
             _rel_err(trajectory.predicted_x0, x0s)]
+  print(f"{config['_class_name']}: errors of x_0, inputs, x̂₀: {errors}")
   assert max(errors) <= TOL, errors
   np.testing.assert_array_equal(trajectory.timesteps, ref.timesteps.numpy())
   assert trajectory.timesteps.dtype == schedule.timesteps.dtype

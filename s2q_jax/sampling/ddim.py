@@ -71,8 +71,7 @@ def train_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.
   return ac
 
 
-def inference_timesteps(spacing: str, n: int, num_train: int, steps_offset: int) -> np.ndarray:
-  """(n,) int64 model timesteps, noisiest first, for a CogVideoX scheduler's `timestep_spacing`."""
+def _inference_timesteps(spacing: str, n: int, num_train: int, steps_offset: int) -> np.ndarray:
   if spacing == "trailing":
     return np.round(np.arange(num_train, 0, -num_train / n)).astype(np.int64) - 1
   if spacing == "leading":
@@ -98,7 +97,7 @@ def make_schedule(num_inference_steps: int = 50, *, num_train_timesteps: int = 1
                      f"got {num_inference_steps}")
   ac = train_alphas_cumprod(num_train_timesteps, beta_start, beta_end, snr_shift_scale,
                             rescale_zero_snr, beta_schedule)
-  timesteps = inference_timesteps(timestep_spacing, num_inference_steps, num_train_timesteps,
+  timesteps = _inference_timesteps(timestep_spacing, num_inference_steps, num_train_timesteps,
                                    steps_offset)
   if timesteps.max() >= num_train_timesteps:
     raise ValueError(f"steps_offset {steps_offset} puts timesteps past {num_train_timesteps - 1}")

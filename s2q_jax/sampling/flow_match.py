@@ -68,12 +68,12 @@ def make_flow_match_schedule(num_steps: int, *, shift: float = 1.0,
   if shift <= 0:
     raise ValueError(f"shift must be positive, got {shift}")
   if sigmas is None:
-    # The training grid i / N, i = N..1, shifted in float32 as the constructor does.
-    train = np.arange(num_train_timesteps, 0, -1, dtype=np.float32) / np.float32(num_train_timesteps)
-    train = shift_sigmas(train, shift)
-    t = np.linspace(float(train[0]) * num_train_timesteps, float(train[-1]) * num_train_timesteps,
-                    num_steps)
-    sigmas = shift_sigmas(t / num_train_timesteps, shift)  # float64
+    # σ_max and σ_min of the training grid i / N, i = N..1, shifted in float32 as
+    # diffusers' constructor does; then evenly spaced between them and shifted again.
+    n_train = num_train_timesteps
+    train = shift_sigmas(np.arange(n_train, 0, -1, dtype=np.float32) / np.float32(n_train), shift)
+    t = np.linspace(float(train[0]) * n_train, float(train[-1]) * n_train, num_steps)
+    sigmas = shift_sigmas(t / n_train, shift)  # float64
   else:
     sigmas = np.asarray(sigmas, np.float32)
     if sigmas.shape != (num_steps,):
