@@ -256,7 +256,6 @@ def test_guided_sampling_matches_a_diffusers_loop(config, monkeypatch):
   out, trajectory = run(noise, cond, uncond, key)
   errors = [_rel_err(out, expected), _rel_err(trajectory.inputs, inputs),
             _rel_err(trajectory.predicted_x0, x0s)]
-  print(f"{config['_class_name']}: errors of x_0, inputs, x̂₀: {errors}")
   assert max(errors) <= TOL, errors
   np.testing.assert_array_equal(trajectory.timesteps, ref.timesteps.numpy())
   assert trajectory.timesteps.dtype == schedule.timesteps.dtype
