@@ -9,40 +9,63 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from s2q_jax.sampling import make_schedule, sample
+from s2q_jax.sampling import Scheduler, make_schedule, sample, sample_trajectory
+
+
+def _scheduler(num_steps: int, scheduler: Scheduler | None) -> Scheduler:
+  """`scheduler`, or CogVideoX-2B's DDIM when None; either way with `num_steps` steps."""
+  if scheduler is None:
+    return make_schedule(num_inference_steps=num_steps)
+  if scheduler.num_steps != num_steps:
+    raise ValueError(f"the scheduler was set to {scheduler.num_steps} steps, but num_steps is "
+                     f"{num_steps}; build it with load_scheduler(..., num_steps={num_steps})")
+  return scheduler
 
 
 def sampler(model: nnx.Module, uncond: np.ndarray, *, num_steps: int, guidance_scale: float,
-            return_trajectory: bool = False) -> Callable:
-  """A jitted `f(noise, cond)` running the DDIM sampler with `model` (see `sampling.sample`)."""
+            return_trajectory: bool = False, scheduler: Scheduler | None = None) -> Callable:
+  """A jitted `f(noise, cond, key=None)` sampling with `model` (see `sampling.sample`).
+
+  `scheduler` defaults to CogVideoX-2B's DDIM. `key` seeds a stochastic
+  scheduler's step noise. With `return_trajectory`, f returns
+  (x_0, `sampling.Trajectory`).
+  """
   graphdef, state = nnx.split(model)
-  schedule = make_schedule(num_inference_steps=num_steps)
+  schedule = _scheduler(num_steps, scheduler)
 
   @jax.jit
-  def run(state, noise, cond):
+  def run(state, noise, cond, key):
     # Merged at every step, inside the sampler's scan: a model that writes into its own
     # state while running (its `step_context`) may only do so in the trace it was made in.
     denoiser = lambda *args: nnx.merge(graphdef, state, copy=True)(*args)  # noqa: E731
     null = jnp.broadcast_to(uncond, cond.shape)
-    return sample(denoiser, noise, cond, null, schedule, guidance_scale=guidance_scale,
-                  return_trajectory=return_trajectory)
+    if return_trajectory:
+      return sample_trajectory(denoiser, noise, cond, null, schedule,
+                               guidance_scale=guidance_scale, key=key)
+    return sample(denoiser, noise, cond, null, schedule, guidance_scale=guidance_scale, key=key)
 
-  return lambda noise, cond: run(state, jnp.asarray(noise), jnp.asarray(cond))
+  return lambda noise, cond, key=None: run(state, jnp.asarray(noise), jnp.asarray(cond), key)
 
 
 def generate(model: nnx.Module, noise: np.ndarray, cond: np.ndarray, uncond: np.ndarray, *,
              num_steps: int, guidance_scale: float, batch_size: int = 4,
-             log: Callable[[str], None] | None = print, label: str = "videos") -> np.ndarray:
+             log: Callable[[str], None] | None = print, label: str = "videos",
+             scheduler: Scheduler | None = None, key: jax.Array | None = None) -> np.ndarray:
   """Denoises `noise` (N, F, C, H, W) under `cond` (N, L, D); returns (N, F, C, H, W) float32.
 
   `uncond` (L, D) is the null condition for classifier-free guidance. The
-  same noise and conditions give the same videos for any model, so full
-  precision and quantized outputs compare pixel by pixel.
+  same noise, conditions and `key` give the same videos for any model, so
+  full precision and quantized outputs compare pixel by pixel. `key` is
+  needed by stochastic schedulers only; the batch starting at video i uses
+  fold_in(key, i), so keep `batch_size` fixed between runs to compare.
   """
-  run = sampler(model, uncond, num_steps=num_steps, guidance_scale=guidance_scale)
+  run = sampler(model, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
+                scheduler=scheduler)
   out, start = [], time.perf_counter()
   for i in range(0, len(noise), batch_size):
-    out.append(np.asarray(run(noise[i:i + batch_size], cond[i:i + batch_size]), np.float32))
+    batch_key = None if key is None else jax.random.fold_in(key, i)
+    out.append(np.asarray(run(noise[i:i + batch_size], cond[i:i + batch_size], batch_key),
+                          np.float32))
     if log:
       done = min(i + batch_size, len(noise))
       log(f"  {label}: {done}/{len(noise)} ({time.perf_counter() - start:.0f}s)")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from s2q_jax.calibration.salience import diffusion_salience
 from s2q_jax.generation import sampler
-from s2q_jax.sampling import make_schedule, predicted_x0
+from s2q_jax.sampling import Scheduler
 
 
 @dataclasses.dataclass
@@ -50,29 +51,30 @@ class Pool:
 
 
 def build_pool(model: nnx.Module, conditions: np.ndarray, uncond: np.ndarray, noise: np.ndarray,
-               *, num_steps: int, guidance_scale: float) -> Pool:
+               *, num_steps: int, guidance_scale: float, scheduler: Scheduler | None = None,
+               key: jax.Array | None = None) -> Pool:
   """Runs the sampler on each prompt, keeping every step of every trajectory.
 
-  `x0_change` compares the clean video x̂₀ the step predicted with the one the
-  next step predicts (the final sample after the last step): the paper's
-  "change of the denoised feature" read as the predicted x̂₀.
+  `scheduler` defaults to CogVideoX-2B's DDIM; `key` seeds a stochastic
+  scheduler's step noise. `x0_change` compares the clean video x̂₀ the step
+  predicted with the one the next step predicts (the final sample after the
+  last step): the paper's "change of the denoised feature" read as the
+  predicted x̂₀.
   """
   run = sampler(model, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
-                return_trajectory=True)
-  final, trajectory, timesteps = run(noise, conditions)
-  traj = np.asarray(trajectory)  # (S, P, ...)
-  prev = np.concatenate([traj[1:], np.asarray(final)[None]], axis=0)
+                return_trajectory=True, scheduler=scheduler)
+  final, trajectory = run(noise, conditions, key)
+  traj = np.asarray(trajectory.inputs)  # (S, P, ...)
+  final = np.asarray(final)
+  prev = np.concatenate([traj[1:], final[None]], axis=0)
   s, p = traj.shape[:2]
   steps = np.repeat(np.arange(s), p)
   flat = lambda a: a.reshape(s * p, *a.shape[2:])  # noqa: E731  step-major, like `steps`
-  schedule = make_schedule(num_inference_steps=num_steps)
-  x0 = np.asarray(predicted_x0(schedule, jnp.asarray(steps), jnp.asarray(flat(traj)),
-                               jnp.asarray(flat(prev)))).reshape(traj.shape)
-  x0_next = np.concatenate([x0[1:], np.asarray(final)[None]], axis=0)
+  x0 = np.asarray(trajectory.predicted_x0)
+  x0_next = np.concatenate([x0[1:], final[None].astype(x0.dtype)], axis=0)
   return Pool(latents=flat(traj), previous=flat(prev),
-              timesteps=np.repeat(np.asarray(timesteps), p), steps=steps,
+              timesteps=np.repeat(np.asarray(trajectory.timesteps), p), steps=steps,
               x0_change=np.asarray(diffusion_salience(jnp.asarray(flat(x0)),
                                                       jnp.asarray(flat(x0_next)))),
               conditions=np.tile(np.asarray(conditions), (s, 1, 1)),
               null_condition=np.asarray(uncond, np.float32))
-

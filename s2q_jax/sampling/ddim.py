@@ -1,26 +1,21 @@
-"""CogVideoX's DDIM sampler (diffusers' `CogVideoXDDIMScheduler`, eta = 0) in JAX.
+"""CogVideoX's DDIM sampler (diffusers' `CogVideoXDDIMScheduler`) in JAX.
 
 v-prediction on a scaled-linear beta schedule whose cumulative alphas are
 SNR-shifted and rescaled to zero terminal SNR, "trailing" timestep spacing
-(CogVideoX-2B's scheduler config; 5B differs only in snr_shift_scale = 1).
-Per-step coefficients are computed once in float64 with numpy, as diffusers
-does, and the sampling loop is a `lax.scan`.
-
-Classifier-free guidance follows `CogVideoXPipeline`: one batched model call
-on [uncond, cond], `v_u + g (v_c − v_u)`, and none at all when g <= 1. The
-pipeline's `use_dynamic_cfg` (a per-step guidance scale) is not implemented.
+(CogVideoX-2B's scheduler config; 5B ships the DPM solver of
+`cogvideox_dpm.py` on the same schedule with snr_shift_scale = 1). The
+scheduler ignores the pipeline's eta: steps are deterministic. Per-step
+coefficients are computed once in float64 with numpy, as diffusers does;
+`loop.sample` runs them in a `lax.scan`. Also the training-side helpers
+(`add_noise`, `v_target`) on the same ᾱ_t.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-# denoise_fn(latents (B, F, C, H, W), cond (B, L, D), timesteps (B,) int32) -> v prediction.
-Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -39,6 +34,18 @@ class DDIMSchedule:
   @property
   def num_steps(self) -> int:
     return len(self.timesteps)
+
+  def init_state(self, x: jax.Array, key: jax.Array | None = None) -> tuple:
+    del x, key  # one-step and deterministic: nothing to carry
+    return ()
+
+  def step(self, state: tuple, v: jax.Array, i: jax.Array,
+           x: jax.Array) -> tuple[jax.Array, tuple, jax.Array]:
+    """`loop.Scheduler.step`: the DDIM update at step index i, and its x̂₀."""
+    sqrt_a, sqrt_b, coef_x, coef_x0 = jnp.asarray(self.coefficients)[i]
+    x32 = x.astype(jnp.float32)
+    x0 = sqrt_a * x32 - sqrt_b * v.astype(jnp.float32)
+    return (coef_x * x32 + coef_x0 * x0).astype(x.dtype), state, x0
 
 
 def train_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -133,10 +140,7 @@ def ddim_step(schedule: DDIMSchedule, v: jax.Array, step: int | jax.Array,
   """
   if isinstance(step, (int, np.integer)) and not 0 <= step < schedule.num_steps:
     raise ValueError(f"step index must be in 0..{schedule.num_steps - 1}, got {step}")
-  sqrt_a, sqrt_b, coef_x, coef_x0 = jnp.asarray(schedule.coefficients)[step]
-  x32, v32 = x.astype(jnp.float32), v.astype(jnp.float32)
-  x0 = sqrt_a * x32 - sqrt_b * v32
-  return (coef_x * x32 + coef_x0 * x0).astype(x.dtype)
+  return schedule.step((), v, step, x)[0]
 
 
 def predicted_x0(schedule: DDIMSchedule, step: jax.Array, x: jax.Array,
@@ -151,54 +155,3 @@ def predicted_x0(schedule: DDIMSchedule, step: jax.Array, x: jax.Array,
   shape = coef.shape[:-1] + (1,) * (x.ndim - coef.ndim + 1)
   coef_x, coef_x0 = coef[..., 2].reshape(shape), coef[..., 3].reshape(shape)
   return (x_prev.astype(jnp.float32) - coef_x * x.astype(jnp.float32)) / coef_x0
-
-
-def guided(denoise_fn: Denoiser, x: jax.Array, cond: jax.Array, uncond: jax.Array, t: jax.Array,
-           guidance_scale: float) -> jax.Array:
-  """Classifier-free guidance: v_u + g (v_c − v_u), both halves in one batched call.
-
-  As in the pipeline, g <= 1 means no guidance: one conditional call, `uncond`
-  unused. g must be a Python number (it decides the traced program).
-  """
-  if guidance_scale <= 1:
-    return denoise_fn(x, cond, t).astype(jnp.float32)
-  both = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([uncond, cond]),
-                    jnp.concatenate([t, t]))
-  v_u, v_c = jnp.split(both.astype(jnp.float32), 2)
-  return v_u + guidance_scale * (v_c - v_u)
-
-
-def sample(denoise_fn: Denoiser, noise: jax.Array, cond: jax.Array, uncond: jax.Array,
-           schedule: DDIMSchedule, *, guidance_scale: float = 1.0,
-           return_trajectory: bool = False):
-  """Runs every step of `schedule` from `noise` (B, F, C, H, W); returns x_0.
-
-  `denoise_fn(x, cond, t)` gets x in noise's dtype, cond (B, L, D) (2B rows,
-  [uncond; cond], under guidance) and int32 timesteps t of shape (B,) (or
-  2B), and returns the v prediction. `uncond` has cond's shape. Trace this
-  under `jax.jit` (the steps are one `lax.scan`). With `return_trajectory`,
-  returns (x_0, trajectory, timesteps): trajectory[i] is the model input x_t
-  at step i, (num_steps, B, ...); step i's output is trajectory[i + 1], and
-  x_0 for the last step.
-  """
-  if not isinstance(guidance_scale, (int, float, np.number)):
-    raise TypeError(f"guidance_scale must be a Python number, got {type(guidance_scale)}")
-  if cond.shape != uncond.shape or cond.shape[0] != noise.shape[0]:
-    raise ValueError(f"cond {cond.shape} and uncond {uncond.shape} must match, with the "
-                     f"batch of noise {noise.shape}")
-  timesteps = jnp.asarray(schedule.timesteps)
-
-  def body(x, step):
-    t = jnp.full((x.shape[0],), timesteps[step], jnp.int32)
-    v = guided(denoise_fn, x, cond, uncond, t, guidance_scale)
-    return ddim_step(schedule, v, step, x), x if return_trajectory else None
-
-  out, trajectory = jax.lax.scan(body, noise, jnp.arange(schedule.num_steps))
-  if return_trajectory:
-    return out, trajectory, timesteps
-  return out
-
-
-def initial_noise(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-  """Standard normal starting latents (diffusers' init_noise_sigma is 1)."""
-  return jax.random.normal(key, shape, dtype)

@@ -1,0 +1,403 @@
+"""The JAX schedulers step by step and in the full loop against diffusers' PyTorch classes.
+
+Parity is the relative max error max|ours − diffusers| / max|diffusers| of
+the latents after each step, fed the same random model outputs (and, for
+the stochastic CogVideoX DPM solver, the same step noise), in float32.
+"""
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from s2q_jax.calibration.pool import build_pool
+from s2q_jax.generation import generate, sampler
+from s2q_jax.sampling import (CogVideoXDPMSchedule, DDIMSchedule, FlowMatchEulerSchedule,
+                              SUPPORTED_CLASSES, UniPCSchedule, load_scheduler,
+                              make_flow_match_schedule, make_unipc_schedule, sample,
+                              sample_trajectory)
+from s2q_jax.sampling import cogvideox_dpm, scheduler_config
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+dpm_module = pytest.importorskip("diffusers.schedulers.scheduling_dpm_cogvideox")
+
+TOL = 1e-5
+# The scheduler_config.json files the pipelines ship (metadata keys left out).
+COGVIDEOX_5B = {  # THUDM/CogVideoX-5b
+    "_class_name": "CogVideoXDPMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "clip_sample_range": 1.0,
+    "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True, "sample_max_value": 1.0, "set_alpha_to_one": True,
+    "snr_shift_scale": 1.0, "steps_offset": 0, "timestep_spacing": "trailing",
+    "trained_betas": None}
+COGVIDEOX_2B_DPM = {**COGVIDEOX_5B, "snr_shift_scale": 3.0}  # 2B's numbers, DPM solver
+COGVIDEOX_2B = {**COGVIDEOX_2B_DPM, "_class_name": "CogVideoXDDIMScheduler"}  # THUDM/CogVideoX-2b
+HUNYUAN_VIDEO = {  # hunyuanvideo-community/HunyuanVideo
+    "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 7.0,
+    "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
+    "base_image_seq_len": 256, "max_image_seq_len": 4096, "invert_sigmas": False,
+    "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+    "use_beta_sigmas": False}
+WAN_1_3B = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers (480p: flow_shift 3)
+    "_class_name": "UniPCMultistepScheduler", "beta_end": 0.02, "beta_schedule": "linear",
+    "beta_start": 0.0001, "disable_corrector": [], "dynamic_thresholding_ratio": 0.995,
+    "final_sigmas_type": "zero", "flow_shift": 3.0, "lower_order_final": True,
+    "num_train_timesteps": 1000, "predict_x0": True, "prediction_type": "flow_prediction",
+    "rescale_betas_zero_snr": False, "sample_max_value": 1.0, "solver_order": 2,
+    "solver_p": None, "solver_type": "bh2", "steps_offset": 0, "thresholding": False,
+    "timestep_spacing": "linspace", "trained_betas": None, "use_beta_sigmas": False,
+    "use_exponential_sigmas": False, "use_flow_sigmas": True, "use_karras_sigmas": False}
+
+
+def _reference(config, num_steps, sigmas=None):
+  ref = getattr(diffusers, config["_class_name"]).from_config(config)
+  if sigmas is None:
+    ref.set_timesteps(num_steps)
+  else:
+    ref.set_timesteps(sigmas=sigmas)
+  return ref
+
+
+def _rel_err(got, expected):
+  got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+  return np.abs(got - expected).max() / np.abs(expected).max()
+
+
+class _StepNoise:
+  """diffusers' CogVideoX DPM draws its step noise from randn_tensor: give it ours."""
+
+  def __init__(self, monkeypatch, key):
+    self.key, self.step = key, 0
+    monkeypatch.setattr(dpm_module, "randn_tensor", self)
+
+  def __call__(self, shape, **kwargs):
+    return torch.from_numpy(np.array(cogvideox_dpm.step_noise(self.key, self.step, shape)))
+
+
+def _reference_step(ref, out, i, x, x0_before):
+  """diffusers' step as its pipeline calls it: (x_next, x̂₀)."""
+  t, out_t, x_t = ref.timesteps[i], torch.from_numpy(out), torch.from_numpy(x)
+  if isinstance(ref, diffusers.CogVideoXDPMScheduler):
+    back = ref.timesteps[i - 1] if i > 0 else None
+    x_next, x0 = ref.step(out_t, x0_before, t, back, x_t)
+    return x_next, x0
+  if isinstance(ref, diffusers.CogVideoXDDIMScheduler):
+    result = ref.step(out_t, t, x_t)
+    return result.prev_sample, result.pred_original_sample
+  x_next = ref.step(out_t, t, x_t).prev_sample
+  if isinstance(ref, diffusers.UniPCMultistepScheduler):
+    return x_next, ref.model_outputs[-1]
+  return x_next, torch.from_numpy(x - float(ref.sigmas[i]) * out)  # flow matching: x − σ u
+
+
+def _step_parity(ref, ours, monkeypatch, seed=0, float64_reference=False):
+  """Worst per-step error of latents and of x̂₀, both driven from diffusers' latents."""
+  rng = np.random.default_rng(seed)
+  key = jax.random.key(seed)
+  noise = _StepNoise(monkeypatch, key)
+  x = rng.standard_normal((2, 3, 4, 4), dtype=np.float32)
+  state, x0_before, worst = ours.init_state(jnp.asarray(x), key), None, [0.0, 0.0]
+  for i in range(ours.num_steps):
+    out = rng.standard_normal(x.shape, dtype=np.float32)
+    noise.step = i
+    if float64_reference:
+      x_next, x0 = _reference_step(ref, out.astype(np.float64), i, x.astype(np.float64), x0_before)
+    else:
+      x_next, x0 = _reference_step(ref, out, i, x, x0_before)
+    got, state, got_x0 = ours.step(state, jnp.asarray(out), i, jnp.asarray(x))
+    assert got.dtype == jnp.float32 and got_x0.dtype == jnp.float32
+    worst = [max(worst[0], _rel_err(got, x_next)), max(worst[1], _rel_err(got_x0, x0))]
+    x, x0_before = x_next.numpy().astype(np.float32), x0
+  return worst
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 10, 50])
+@pytest.mark.parametrize("config", [COGVIDEOX_2B_DPM, COGVIDEOX_5B], ids=["2b", "5b"])
+def test_cogvideox_dpm_matches_diffusers(config, num_steps, monkeypatch):
+  ref, ours = _reference(config, num_steps), load_scheduler(config, num_steps)
+  assert isinstance(ours, CogVideoXDPMSchedule)
+  np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+  err_x, err_x0 = _step_parity(ref, ours, monkeypatch)
+  assert err_x <= TOL and err_x0 <= TOL, (err_x, err_x0)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(beta_schedule="linear"),
+    dict(timestep_spacing="leading", steps_offset=1),
+    dict(timestep_spacing="linspace"),
+    dict(set_alpha_to_one=False),
+    dict(rescale_betas_zero_snr=False),
+])
+def test_cogvideox_dpm_other_configs_match_diffusers(overrides, monkeypatch):
+  config = {**COGVIDEOX_5B, **overrides}
+  ref, ours = _reference(config, 30), load_scheduler(config, 30)
+  np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+  err_x, err_x0 = _step_parity(ref, ours, monkeypatch, seed=1)
+  assert err_x <= TOL and err_x0 <= TOL, (err_x, err_x0)
+
+
+def test_cogvideox_dpm_noise_is_the_keys_and_always_added(monkeypatch):
+  ours = load_scheduler(COGVIDEOX_5B, 10)
+  x = jnp.ones((1, 2, 3, 4, 4))
+  state = ours.init_state(x, jax.random.key(0))
+  a = ours.step(state, x, 3, x)[0]
+  np.testing.assert_array_equal(a, ours.step(state, x, 3, x)[0])  # same key and step: same
+  assert not np.allclose(a, ours.step(state._replace(key=jax.random.key(1)), x, 3, x)[0])
+  assert not np.allclose(a, ours.step(state, x, 4, x)[0])
+  # The last step has no noise: it lands on x̂₀.
+  last, _, x0 = ours.step(state, x, 9, x)
+  np.testing.assert_allclose(last, x0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_steps", [1, 10, 50])
+@pytest.mark.parametrize("shift", [1.0, 7.0])
+@pytest.mark.parametrize("spacing", ["set_timesteps", "hunyuan_sigmas"])
+def test_flow_match_euler_matches_diffusers(shift, num_steps, spacing, monkeypatch):
+  config = {**HUNYUAN_VIDEO, "shift": shift}
+  sigmas = np.linspace(1.0, 0.0, num_steps + 1)[:-1] if spacing == "hunyuan_sigmas" else None
+  ref, ours = _reference(config, num_steps, sigmas), load_scheduler(config, num_steps,
+                                                                     sigmas=sigmas)
+  assert isinstance(ours, FlowMatchEulerSchedule) and ours.timesteps.dtype == np.float32
+  np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+  np.testing.assert_array_equal(ours.sigmas, ref.sigmas.numpy())
+  err_x, err_x0 = _step_parity(ref, ours, monkeypatch)
+  assert err_x <= TOL and err_x0 <= TOL, (err_x, err_x0)
+
+
+@pytest.mark.parametrize("num_steps", [1, 3, 50])
+@pytest.mark.parametrize("solver_order", [1, 2, 3])
+@pytest.mark.parametrize("flow_shift", [3.0, 5.0])
+def test_unipc_flow_matches_diffusers(flow_shift, solver_order, num_steps, monkeypatch):
+  config = {**WAN_1_3B, "flow_shift": flow_shift, "solver_order": solver_order}
+  ref, ours = _reference(config, num_steps), load_scheduler(config, num_steps)
+  assert isinstance(ours, UniPCSchedule)
+  np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+  np.testing.assert_array_equal(ours.sigmas, ref.sigmas.numpy())
+  err_x, err_x0 = _step_parity(ref, ours, monkeypatch)
+  # diffusers computes the step weights in float32 (its sigmas' dtype); at order 3 the φ
+  # recurrences cancel and its weights drift by up to ~1.5e-5 over 50 steps. Against
+  # the same algorithm in float64, ours stay within TOL at every order.
+  assert err_x <= (TOL if solver_order <= 2 else 3e-5) and err_x0 <= TOL, (err_x, err_x0)
+  ref = _reference(config, num_steps)
+  ref.sigmas = ref.sigmas.double()
+  err_x, err_x0 = _step_parity(ref, ours, monkeypatch, float64_reference=True)
+  assert err_x <= TOL and err_x0 <= TOL, (err_x, err_x0)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(disable_corrector=[0, 3]),
+    dict(solver_order=1, lower_order_final=False),
+    dict(solver_type="midpoint"),  # diffusers maps it to bh2
+    dict(num_train_timesteps=500),
+])
+def test_unipc_other_configs_match_diffusers(overrides, monkeypatch):
+  config = {**WAN_1_3B, **overrides}
+  ref, ours = _reference(config, 12), load_scheduler(config, 12)
+  np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+  err_x, err_x0 = _step_parity(ref, ours, monkeypatch, seed=2)
+  assert err_x <= TOL and err_x0 <= TOL, (err_x, err_x0)
+
+
+def test_unipc_explicit_sigmas_match_diffusers(monkeypatch):
+  sigmas = np.linspace(1.0, 0.05, 8) ** 1.5
+  ref, ours = _reference(WAN_1_3B, 8, sigmas), load_scheduler(WAN_1_3B, 8, sigmas=sigmas)
+  np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+  err_x, err_x0 = _step_parity(ref, ours, monkeypatch, seed=3)
+  assert err_x <= TOL and err_x0 <= TOL, (err_x, err_x0)
+
+
+def _toy_denoiser(xp):
+  """An analytic stand-in for a model: depends on input, condition and timestep."""
+  def denoise(x, cond, t):
+    t = xp.asarray(t, xp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+    return xp.tanh(x * 0.5 + cond.mean(axis=(1, 2)).reshape(t.shape)) * (t / 1000.0) - 0.1 * x
+  return denoise
+
+
+def _reference_loop(ref, noise, cond, uncond, g):
+  """The pipelines' loop: CFG on [uncond, cond], then the scheduler's step."""
+  toy, x, x0 = _toy_denoiser(np), noise, None
+  inputs, x0s = [], []
+  for i, t in enumerate(ref.timesteps):
+    inputs.append(x)
+    both = toy(np.concatenate([x, x]), np.concatenate([uncond, cond]), np.full(4, float(t)))
+    out_u, out_c = np.split(both.astype(np.float32), 2)
+    x_next, x0 = _reference_step(ref, out_u + g * (out_c - out_u), i, x, x0)
+    x0s.append(x0.numpy())
+    x = x_next.numpy()
+  return x, np.stack(inputs), np.stack(x0s)
+
+
+@pytest.mark.parametrize("config", [COGVIDEOX_2B, COGVIDEOX_5B, HUNYUAN_VIDEO, WAN_1_3B],
+                         ids=["cogvideox_ddim", "cogvideox_dpm", "flow_match_euler", "unipc"])
+def test_guided_sampling_matches_a_diffusers_loop(config, monkeypatch):
+  num_steps, g, key = 12, 5.0, jax.random.key(7)
+  rng = np.random.default_rng(4)
+  noise = rng.standard_normal((2, 2, 3, 4, 4), dtype=np.float32)
+  cond = rng.standard_normal((2, 5, 8), dtype=np.float32)
+  uncond = rng.standard_normal((2, 5, 8), dtype=np.float32) * 0.1
+  ref = _reference(config, num_steps)
+  step_noise = _StepNoise(monkeypatch, key)
+  original_step = ref.step
+
+  def counting_step(*args, **kwargs):  # the DPM's noise follows the step index
+    out = original_step(*args, **kwargs)
+    step_noise.step += 1
+    return out
+
+  ref.step = counting_step
+  expected, inputs, x0s = _reference_loop(ref, noise, cond, uncond, g)
+  schedule = load_scheduler(config, num_steps)
+  run = jax.jit(lambda n, c, u, k: sample_trajectory(_toy_denoiser(jnp), n, c, u, schedule,
+                                                     guidance_scale=g, key=k))
+  out, trajectory = run(noise, cond, uncond, key)
+  errors = [_rel_err(out, expected), _rel_err(trajectory.inputs, inputs),
+            _rel_err(trajectory.predicted_x0, x0s)]
+  assert max(errors) <= TOL, errors
+  np.testing.assert_array_equal(trajectory.timesteps, ref.timesteps.numpy())
+  assert trajectory.timesteps.dtype == schedule.timesteps.dtype
+
+
+@pytest.mark.parametrize("config", [COGVIDEOX_5B, HUNYUAN_VIDEO, WAN_1_3B],
+                         ids=["cogvideox_dpm", "flow_match_euler", "unipc"])
+def test_bfloat16_latents_keep_their_dtype(config):
+  rng = np.random.default_rng(5)
+  noise = rng.standard_normal((1, 2, 3, 4, 4), dtype=np.float32)
+  cond = rng.standard_normal((1, 5, 8), dtype=np.float32)
+  schedule = load_scheduler(config, 6)
+
+  @jax.jit
+  def both(key):
+    ref = sample(_toy_denoiser(jnp), noise, cond, cond, schedule, key=key)
+    return ref, sample_trajectory(_toy_denoiser(jnp), jnp.asarray(noise, jnp.bfloat16), cond,
+                                  cond, schedule, key=key)
+
+  ref, (out, trajectory) = both(jax.random.key(0))
+  assert out.dtype == trajectory.inputs.dtype == jnp.bfloat16
+  assert trajectory.predicted_x0.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.05)
+
+
+class _ToyModel(nnx.Module):
+  """The toy denoiser as a module, for the model-level entry points (pool, generation)."""
+
+  def __call__(self, x, cond, t):
+    return _toy_denoiser(jnp)(x, cond, t)
+
+
+def test_pool_with_a_flow_scheduler_records_each_steps_prediction():
+  rng = np.random.default_rng(0)
+  cond = rng.standard_normal((2, 4, 16)).astype(np.float32)
+  noise = rng.standard_normal((2, 2, 3, 8, 8)).astype(np.float32)
+  null = np.full((4, 16), 0.5, np.float32)
+  schedule = make_flow_match_schedule(3, shift=3.0)
+  pool = build_pool(_ToyModel(), cond, null, noise, num_steps=3, guidance_scale=3.0,
+                    scheduler=schedule)
+  np.testing.assert_array_equal(pool.timesteps, np.repeat(schedule.timesteps, 2))
+  np.testing.assert_array_equal(pool.previous[:4], pool.latents[2:])  # step-major
+  # x̂₀ = x − σ u from the guided model output at each recorded input, recomputed in numpy.
+  toy = _toy_denoiser(np)
+  t = pool.timesteps.astype(np.float32)
+  out_u, out_c = toy(pool.latents, np.broadcast_to(null, pool.conditions.shape), t), \
+      toy(pool.latents, pool.conditions, t)
+  u = out_u + 3.0 * (out_c - out_u)
+  x0 = pool.latents - schedule.sigmas[pool.steps][:, None, None, None, None] * u
+  nxt = np.concatenate([x0[2:], pool.previous[4:]])
+  change = ((x0 - nxt) ** 2).sum(axis=(1, 2, 3, 4)) / (x0 ** 2).sum(axis=(1, 2, 3, 4))
+  np.testing.assert_allclose(pool.x0_change, change, rtol=1e-4, atol=1e-12)
+  assert pool.x0_change[:4].min() > 0  # the last step lands on its x̂₀: no change there
+
+
+def test_generation_with_the_dpm_solver_is_reproducible_from_its_key():
+  rng = np.random.default_rng(1)
+  cond = rng.standard_normal((2, 4, 16)).astype(np.float32)
+  noise = rng.standard_normal((2, 2, 3, 4, 4)).astype(np.float32)
+  null = np.zeros((4, 16), np.float32)
+  schedule, key = load_scheduler(COGVIDEOX_5B, 3), jax.random.key(0)
+  videos = generate(_ToyModel(), noise, cond, null, num_steps=3, guidance_scale=2.0,
+                    scheduler=schedule, key=key, batch_size=1, log=None)
+  run = sampler(_ToyModel(), null, num_steps=3, guidance_scale=2.0, scheduler=schedule)
+  # The batch starting at video i draws its step noise from fold_in(key, i).
+  np.testing.assert_array_equal(videos[1:], run(noise[1:], cond[1:], jax.random.fold_in(key, 1)))
+  assert not np.allclose(videos[1:], run(noise[1:], cond[1:], key))
+  with pytest.raises(ValueError, match="PRNG key"):
+    run(noise, cond)
+  with pytest.raises(ValueError, match="set to 3 steps"):
+    sampler(_ToyModel(), null, num_steps=4, guidance_scale=1.0, scheduler=schedule)
+
+
+@pytest.mark.parametrize("name", SUPPORTED_CLASSES)
+def test_defaults_are_diffusers_and_every_option_is_classified(name):
+  spec = scheduler_config._SPECS[name]
+  params = inspect.signature(getattr(diffusers, name).__init__).parameters
+  assert spec.defaults == {k: p.default for k, p in params.items() if k != "self"}
+  groups = [set(spec.passed), set(spec.restricted), set(spec.inert)]
+  assert sum(map(len, groups)) == len(set.union(*groups)) == len(spec.defaults)
+  assert set.union(*groups) == set(spec.defaults)
+
+
+def test_load_scheduler_reads_a_file_a_scheduler_folder_or_a_pipeline(tmp_path):
+  import json
+  folder = tmp_path / "pipeline" / "scheduler"
+  folder.mkdir(parents=True)
+  (folder / "scheduler_config.json").write_text(json.dumps(
+      {**WAN_1_3B, "_diffusers_version": "0.33.0.dev0"}))
+  expected = make_unipc_schedule(20, flow_shift=3.0).timesteps
+  for source in (folder / "scheduler_config.json", folder, tmp_path / "pipeline", str(folder)):
+    np.testing.assert_array_equal(load_scheduler(source, 20).timesteps, expected)
+  ddim = load_scheduler({**COGVIDEOX_5B, "_class_name": "CogVideoXDDIMScheduler"}, 20)
+  assert isinstance(ddim, DDIMSchedule)
+  # Absent options take diffusers' class defaults (here shift 1, 1000 train steps).
+  partial = {"_class_name": "FlowMatchEulerDiscreteScheduler"}
+  np.testing.assert_array_equal(load_scheduler(partial, 7).timesteps,
+                                _reference(partial, 7).timesteps.numpy())
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"_class_name": "EulerDiscreteScheduler"}, "'EulerDiscreteScheduler' is not supported; "
+     "supported: CogVideoXDDIMScheduler, CogVideoXDPMScheduler"),
+    ({}, "None is not supported"),
+    ({**COGVIDEOX_5B, "prediction_type": "epsilon"},
+     "prediction_type='epsilon' is not supported; supported: 'v_prediction'"),
+    ({**HUNYUAN_VIDEO, "use_dynamic_shifting": True}, "use_dynamic_shifting=True is not "
+     "supported \\(it needs a resolution-dependent mu"),
+    ({**HUNYUAN_VIDEO, "stochastic_sampling": True}, "stochastic_sampling=True"),
+    ({**WAN_1_3B, "solver_type": "bh1"}, "solver_type='bh1' is not supported \\(bh1 returns NaN"),
+    ({**WAN_1_3B, "use_flow_sigmas": False}, "use_flow_sigmas=False"),
+    ({**WAN_1_3B, "final_sigmas_type": "sigma_min"}, "supported: 'zero'"),
+    ({**WAN_1_3B, "lower_order_final": False}, "lower_order_final=False needs solver_order=1"),
+    ({**WAN_1_3B, "flow_shift": 0.0}, "flow_shift must be positive"),
+    ({**WAN_1_3B, "shiny_new_option": 1}, "unknown option\\(s\\) shiny_new_option"),
+    ({**COGVIDEOX_5B, "timestep_spacing": "karras"}, "timestep_spacing"),
+    ({**COGVIDEOX_5B, "beta_schedule": "squaredcos_cap_v2"}, "beta_schedule"),
+])
+def test_bad_configs_are_refused_with_what_is_supported(config, message):
+  with pytest.raises(ValueError, match=message):
+    load_scheduler(config, 10)
+
+
+def test_bad_sources_and_arguments_are_refused(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no scheduler_config.json"):
+    load_scheduler(tmp_path, 10)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    load_scheduler(tmp_path / "missing.json", 10)
+  (tmp_path / "scheduler_config.json").write_text("{not json")
+  with pytest.raises(ValueError, match="not valid JSON"):
+    load_scheduler(tmp_path, 10)
+  with pytest.raises(ValueError, match="takes no explicit sigmas"):
+    load_scheduler(COGVIDEOX_5B, 3, sigmas=[1.0, 0.5, 0.2])
+  with pytest.raises(ValueError, match="num_steps=3 values"):
+    load_scheduler(HUNYUAN_VIDEO, 3, sigmas=[1.0, 0.5])
+  with pytest.raises(ValueError, match="decrease within"):
+    load_scheduler(WAN_1_3B, 3, sigmas=[0.5, 1.0, 0.2])
+  with pytest.raises(ValueError, match="num_inference_steps"):
+    load_scheduler(COGVIDEOX_5B, 0)
+  with pytest.raises(ValueError, match="num_steps must be at least 1"):
+    load_scheduler(WAN_1_3B, 0)
+  schedule = load_scheduler(COGVIDEOX_5B, 3)
+  with pytest.raises(ValueError, match="pass a PRNG key"):
+    sample(_toy_denoiser(jnp), jnp.zeros((1, 2)), jnp.zeros((1, 1, 1)), jnp.zeros((1, 1, 1)),
+           schedule)
