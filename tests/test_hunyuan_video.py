@@ -151,7 +151,8 @@ def test_sharded_checkpoint_loads(hunyuan_dir, tmp_path):
   src, tm = hunyuan_dir
   tm.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
   assert (tmp_path / "sharded" / f"{WEIGHTS}.index.json").exists()
-  a, b = flat_params(load_pretrained(str(src))), flat_params(load_pretrained(str(tmp_path / "sharded")))
+  a = flat_params(load_pretrained(str(src)))
+  b = flat_params(load_pretrained(str(tmp_path / "sharded")))
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -187,7 +188,7 @@ def _edit_config(folder, **changes):
     (dict(rope_axes_dim=[4, 6, 4]), "summing to attention_head_dim=16"),
     (dict(frobnicate=1), "config fields not supported: frobnicate"),
     (dict(_class_name="UNet3DConditionModel"),
-     "_class_name 'UNet3DConditionModel' is not supported; s2q-jax supports"),
+     "_class_name 'UNet3DConditionModel' is not supported; s2q-jax loads"),
 ])
 def test_unsupported_config_is_named(hunyuan_dir, tmp_path, capsys, changes, says):
   src, _ = hunyuan_dir
@@ -219,9 +220,12 @@ def _good_args():
 @pytest.mark.parametrize("edit,says", [
     (dict(hidden_states=np.zeros((2, 3, 2, 4, 4))), r"hidden_states must be \(B, 4, F, H, W\)"),
     (dict(hidden_states=np.zeros((2, 4, 2, 5, 4))), "multiples of patch_size=2"),
-    (dict(encoder_hidden_states=np.zeros((2, 3, 7))), r"encoder_hidden_states must be \(B=2, L, 12\)"),
-    (dict(encoder_attention_mask=np.ones((2, 4))), r"encoder_attention_mask must be \(B, L\) = \(2, 3\)"),
-    (dict(encoder_attention_mask=np.array([[1, 1, 0], [0, 0, 0]])), r"no valid text token in batch rows \[1\]"),
+    (dict(encoder_hidden_states=np.zeros((2, 3, 7))),
+     r"encoder_hidden_states must be \(B=2, L, 12\)"),
+    (dict(encoder_attention_mask=np.ones((2, 4))),
+     r"encoder_attention_mask must be \(B, L\) = \(2, 3\)"),
+    (dict(encoder_attention_mask=np.array([[1, 1, 0], [0, 0, 0]])),
+     r"no valid text token in batch rows \[1\]"),
     (dict(pooled_projections=np.zeros((2, 9))), r"pooled_projections must be .* \(2, 8\)"),
     (dict(timestep=np.zeros((3,))), r"timestep must be a scalar or \(B,\) = \(2,\)"),
     (dict(guidance=None), "pass guidance"),
@@ -241,7 +245,7 @@ def test_guidance_for_a_model_without_guidance_embedding_is_refused():
 
 def test_parameter_paths_are_diffusers_keys(hunyuan_dir):
   """Quantization rules match Flax paths: they must read like diffusers' keys."""
-  from s2q_jax.models.hunyuan_video import keymap
+  from s2q_jax.models.hunyuan_video import keymap  # pylint: disable=import-outside-toplevel
   src, tm = hunyuan_dir
   paths = flat_params(load_pretrained(str(src)))
   assert sorted(keymap.torch_key(p) for p in paths) == sorted(tm.state_dict())
@@ -253,5 +257,6 @@ def test_quantization_job_refuses_hunyuan_video_clearly(hunyuan_dir):
   from ml_collections import ConfigDict
   from s2q_jax import job
   from s2q_jax.errors import UserError
-  with pytest.raises(UserError, match="HunyuanVideoConfig: the quantization job runs CogVideoX"):
+  with pytest.raises(UserError, match="holds a HunyuanVideoTransformer3DModel: .* the "
+                                      "quantization job supports CogVideoX only so far"):
     job.load_model(ConfigDict({"model": {"path": str(hunyuan_dir[0]), "dtype": None}}))
