@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import einops
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
