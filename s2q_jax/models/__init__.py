@@ -1,6 +1,7 @@
 """Flax NNX video diffusion transformers, the T5 text encoder, and their loading."""
 from s2q_jax.models.cogvideox import CogVideoXTransformer3D
 from s2q_jax.models.config import CogVideoXConfig, UnsupportedConfigError
+from s2q_jax.models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoTransformer3D
 from s2q_jax.models.layers import Linear
 from s2q_jax.models.loading import load_pretrained
 from s2q_jax.models.prompts import encode_prompts
@@ -10,6 +11,7 @@ from s2q_jax.models.t5_loading import load_text_encoder
 from s2q_jax.models.t5_tokenizer import T5Tokenizer, load_tokenizer
 from s2q_jax.models.wan import WanConfig, WanTransformer3D
 
-__all__ = ["CogVideoXConfig", "CogVideoXTransformer3D", "Linear", "T5Encoder", "T5EncoderConfig",
-           "T5Tokenizer", "UnsupportedConfigError", "WanConfig", "WanTransformer3D",
-           "encode_prompts", "load_pretrained", "load_text_encoder", "load_tokenizer"]
+__all__ = ["CogVideoXConfig", "CogVideoXTransformer3D", "HunyuanVideoConfig",
+           "HunyuanVideoTransformer3D", "Linear", "T5Encoder", "T5EncoderConfig", "T5Tokenizer",
+           "UnsupportedConfigError", "WanConfig", "WanTransformer3D", "encode_prompts",
+           "load_pretrained", "load_text_encoder", "load_tokenizer"]

@@ -21,15 +21,15 @@ class MissingConfigFieldWarning(UserWarning):
   """A config.json lacks a field that changes the model's function; its default is taken."""
 
 
-def warn_missing_fields(d: dict[str, Any], origin: str) -> None:
-  """Warns naming each architecture field `d` lacks and the default taken for it.
+def warn_missing_fields(d: dict[str, Any], origin: str, config_cls: type | None = None) -> None:
+  """Warns naming each field of `config_cls` (default `CogVideoXConfig`) that `d` lacks.
 
-  Every field of `CogVideoXConfig` changes the computed function (metadata such
+  Every field of a model config changes the computed function (metadata such
   as `_diffusers_version` is not a field), and a model trained with another
   value silently computes something else, e.g. 2B-style sincos positions for a
   5B that needs RoPE.
   """
-  missing = [f for f in dataclasses.fields(CogVideoXConfig) if f.name not in d]
+  missing = [f for f in dataclasses.fields(config_cls or CogVideoXConfig) if f.name not in d]
   if missing:
     warnings.warn(
         f"{origin} has no {', '.join(f.name for f in missing)}: taking the default"

@@ -21,7 +21,7 @@ from flax import nnx
 
 from conversion import keymap
 from conversion.checkpoint_files import CheckpointError, TensorSource, config_path
-from s2q_jax.models import wan
+from s2q_jax.models import hunyuan_video, wan
 from s2q_jax.models.architecture import Architecture
 from s2q_jax.models.cogvideox import CogVideoXTransformer3D
 from s2q_jax.models.config import (DIFFUSERS_CLASS_NAME, CogVideoXConfig, UnsupportedConfigError,
@@ -52,7 +52,7 @@ COGVIDEOX = Architecture(
 
 # diffusers `_class_name` → model family. A config.json without `_class_name` is CogVideoX.
 ARCHITECTURES: dict[str, Architecture] = {
-    arch.class_name: arch for arch in (COGVIDEOX, wan.ARCHITECTURE)}
+    arch.class_name: arch for arch in (COGVIDEOX, wan.ARCHITECTURE, hunyuan_video.ARCHITECTURE)}
 
 ModelConfig = Any  # the config dataclass of one of ARCHITECTURES
 
@@ -172,7 +172,7 @@ def load_pretrained(path: str, dtype=None, *, allow_pickle: bool = False,
                     backend: str = "auto") -> nnx.Module:
   """Loads a diffusers folder, a converted checkpoint or a quantized checkpoint.
 
-  The model family (CogVideoX, Wan, ...) follows the config's `_class_name`.
+  The model family (CogVideoX, Wan, HunyuanVideo) follows the config's `_class_name`.
 
   `dtype` None keeps the stored dtype (float32 compute for quantized
   checkpoints); otherwise parameters are cast to it. `backend` selects the
