@@ -1,5 +1,6 @@
 """The Flax CogVideoX VAE decoder against diffusers' `AutoencoderKLCogVideoX.decode`."""
 import json
+import shutil
 
 import jax
 import jax.extend.core as jax_core
@@ -11,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from conversion.checkpoint_files import CheckpointError
 from s2q_jax.models import CogVideoXVAEConfig, Tiling, UnsupportedConfigError, load_vae
-from s2q_jax.models.vae import frame_batches
+from s2q_jax.models.vae import _decode_batch, frame_batches
 from s2q_jax.models.vae_loading import abstract_vae
 from s2q_jax.models.vae_memory import decode_memory, decoded_frames
 
@@ -19,21 +20,24 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
-# (diffusers config, latent (batch, frames, height, width)). Frame counts give several
-# frame batches (5 → 3 + 2, 4 → 2 + 2, 7 → 3 + 2 + 2) and a single image (1). XLA on CPU
-# compiles each GroupNorm slowly: resnet counts are kept low to keep the file fast.
+# (diffusers config, latents (batch, frames, height, width)). The frame counts make frame
+# batches of 3 + 2, 2 + 2 + 2 and a single image. Every compiled frame batch costs about
+# two CPU seconds, so the models are small and few.
 CONFIGS = {
     "2_blocks_time_x2": (dict(block_out_channels=(8, 16), latent_channels=4, layers_per_block=1,
                               norm_num_groups=4, temporal_compression_ratio=2), (2, 5, 4, 6)),
     "3_blocks_time_x4": (dict(block_out_channels=(8, 8, 16), latent_channels=3, layers_per_block=0,
-                              norm_num_groups=2, temporal_compression_ratio=4), (1, 4, 3, 5)),
-    "no_time_compression_mish": (dict(block_out_channels=(16, 8), latent_channels=2,
-                                      layers_per_block=2, norm_num_groups=8,
-                                      temporal_compression_ratio=1, act_fn="mish"), (1, 7, 2, 3)),
-    "4_blocks_time_x8_image": (dict(block_out_channels=(4, 4, 4, 4), latent_channels=2,
-                                    layers_per_block=0, norm_num_groups=2,
-                                    temporal_compression_ratio=8), (1, 1, 2, 2)),
+                              norm_num_groups=2, temporal_compression_ratio=4), (1, 6, 3, 5)),
+    "4_blocks_time_x8_mish_image": (dict(block_out_channels=(4, 4, 4, 8), latent_channels=2,
+                                         layers_per_block=0, norm_num_groups=2, act_fn="mish",
+                                         temporal_compression_ratio=8), (1, 1, 2, 2)),
+    # diffusers' enable_tiling() defaults (tiles of half the sample size, overlaps 1/6 and
+    # 1/5) on 14 × 12 latents: 2 × 2 tiles of unequal sizes, blended over 4 pixels.
+    "tiled": (dict(block_out_channels=(4, 8), latent_channels=2, layers_per_block=0,
+                   norm_num_groups=2, temporal_compression_ratio=2, sample_height=48,
+                   sample_width=40), (1, 3, 14, 12)),
 }
+PARITY = [name for name in CONFIGS if name != "tiled"]
 
 
 def make_torch_vae(seed=0, perturb=0.2, **config):
@@ -49,46 +53,75 @@ def make_torch_vae(seed=0, perturb=0.2, **config):
   return model
 
 
-def _saved(tmp_path, **config):
-  model = make_torch_vae(**config)
-  model.save_pretrained(tmp_path)
-  return model
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """name → (diffusers folder, diffusers model, latents); each saved once per module."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      config, (batch, frames, height, width) = CONFIGS[name]
+      model = make_torch_vae(**config)
+      path = tmp_path_factory.mktemp(name)
+      model.save_pretrained(path)
+      z = torch.randn(batch, config["latent_channels"], frames, height, width,
+                      generator=torch.Generator().manual_seed(1))
+      cache[name] = path, model, z
+    return cache[name]
+
+  return get
 
 
 def _relative_error(out, ref):
   return float(np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_decode_matches_diffusers(name, tmp_path):
-  config, (batch, frames, height, width) = CONFIGS[name]
-  torch_vae = _saved(tmp_path, **config)
-  vae = load_vae(tmp_path)
-  z = torch.randn(batch, config["latent_channels"], frames, height, width, generator=
-                  torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("name", PARITY)
+def test_decode_matches_diffusers(name, saved):
+  path, torch_vae, z = saved(name)
   with torch.no_grad():
     ref = torch_vae.decode(z).sample.numpy()
+  vae = load_vae(path)
+  _decode_batch.clear_cache()  # count this decode's programs only
   out = vae.decode(z.numpy())
   assert out.shape == ref.shape
-  assert ref.shape[2] == decoded_frames(vae.config, frames)
+  assert ref.shape[2] == decoded_frames(vae.config, z.shape[2])
   assert _relative_error(out, ref) <= 1e-4
+  # One program per kind of frame batch (the first, without a cache; the rest, with one),
+  # however many batches there are: the video is never one graph.
+  assert _decode_batch._cache_size() == min(len(frame_batches(z.shape[2])), 2)
 
 
-def test_tiled_decode_matches_diffusers(tmp_path):
-  # diffusers' enable_tiling() defaults: tiles of half the sample size, overlaps 1/6 and 1/5;
-  # 14 × 12 latents make 2 × 2 tiles of unequal sizes with 4-pixel blends.
-  config = dict(block_out_channels=(4, 8), latent_channels=2, layers_per_block=0,
-                norm_num_groups=2, temporal_compression_ratio=2, sample_height=48, sample_width=40)
-  torch_vae = _saved(tmp_path, **config)
-  z = torch.randn(1, 2, 3, 14, 12, generator=torch.Generator().manual_seed(2))
+def test_tiled_decode_matches_diffusers(saved):
+  path, torch_vae, z = saved("tiled")
   with torch.no_grad():
     untiled = torch_vae.decode(z).sample.numpy()
     torch_vae.enable_tiling()
-    ref = torch_vae.decode(z).sample.numpy()
+    try:
+      ref = torch_vae.decode(z).sample.numpy()
+    finally:
+      torch_vae.disable_tiling()
   assert _relative_error(ref, untiled) > 1e-3  # tiling changes the function: it is exercised
-  out = load_vae(tmp_path).decode(z.numpy(), tiling=True)
+  out = load_vae(path).decode(z.numpy(), tiling=True)
   assert out.shape == ref.shape
   assert _relative_error(out, ref) <= 1e-4
+
+
+def test_bfloat16_decode_stays_close_to_float32(saved):
+  path, _, z = saved("4_blocks_time_x8_mish_image")
+  reference = np.asarray(load_vae(path).decode(z.numpy()))
+  out = load_vae(path, dtype=jnp.bfloat16).decode(z.numpy())
+  assert out.dtype == jnp.bfloat16
+  assert _relative_error(out.astype(jnp.float32), reference) <= 3e-2
+
+
+def test_stored_dtype_is_kept_unless_asked(saved, tmp_path):
+  _, torch_vae, _ = saved("2_blocks_time_x2")
+  torch_vae.to(torch.bfloat16).save_pretrained(tmp_path)
+  torch_vae.to(torch.float32)
+  dtypes = lambda vae: {p.dtype for p in jax.tree.leaves(nnx.state(vae, nnx.Param))}  # noqa: E731
+  assert dtypes(load_vae(tmp_path)) == {jnp.dtype("bfloat16")}
+  assert dtypes(load_vae(tmp_path, dtype=jnp.float32)) == {jnp.dtype("float32")}
 
 
 def _largest_intermediate(jaxpr) -> int:
@@ -118,18 +151,16 @@ def _traced_first_batch(vae, latent_shape) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("name", ["2_blocks_time_x2", "3_blocks_time_x4"])
-def test_decode_memory_matches_traced_program_and_checkpoint(name, tmp_path):
-  config, (batch, frames, height, width) = CONFIGS[name]
-  torch_vae = _saved(tmp_path, **config)
-  vae = load_vae(tmp_path)
-  latent_shape = (batch, config["latent_channels"], frames, height, width)
-  estimate = decode_memory(vae.config, latent_shape)
-  assert (estimate.largest_activation, estimate.conv_cache) == _traced_first_batch(vae, latent_shape)
+def test_decode_memory_matches_traced_program_and_checkpoint(name, saved):
+  path, torch_vae, z = saved(name)
+  vae = load_vae(path)
+  estimate = decode_memory(vae.config, tuple(z.shape))
+  traced = _traced_first_batch(vae, tuple(z.shape))
+  assert (estimate.largest_activation, estimate.conv_cache) == traced
   decoder = [v for k, v in torch_vae.state_dict().items() if k.startswith("decoder.")]
   assert estimate.weights == 4 * sum(v.numel() for v in decoder)
   with torch.no_grad():
-    out = torch_vae.decode(torch.zeros(latent_shape)).sample
-  assert estimate.output == 4 * out.numel()
+    assert estimate.output == 4 * torch_vae.decode(z).sample.numel()
 
 
 @pytest.mark.parametrize("tiled", [False, True])
@@ -147,9 +178,9 @@ def test_decode_memory_at_cogvideox_size_matches_traced_program(tiled):
 
 
 @pytest.fixture
-def small_dir(tmp_path):
-  config, _ = CONFIGS["2_blocks_time_x2"]
-  _saved(tmp_path, **config)
+def small_dir(saved, tmp_path):
+  """A private copy of a saved VAE folder, to damage."""
+  shutil.copytree(saved("2_blocks_time_x2")[0], tmp_path, dirs_exist_ok=True)
   return tmp_path
 
 
@@ -180,8 +211,10 @@ def test_wrong_latents_are_refused_with_the_expected_layout(small_dir):
   vae = load_vae(small_dir)
   with pytest.raises(ValueError, match=r"expects latents \(batch, 4 channels.*transpose"):
     vae.decode(np.zeros((1, 5, 4, 4, 6), np.float32))  # transformer layout (B, F, C, h, w)
-  with pytest.raises(ValueError, match="shape \\(4, 5, 4, 6\\)"):
+  with pytest.raises(ValueError, match=r"shape \(4, 5, 4, 6\)"):
     vae.decode(np.zeros((4, 5, 4, 6), np.float32))
+  with pytest.raises(ValueError, match="overlap factors below 1"):
+    vae.decode(np.zeros((1, 4, 1, 4, 6), np.float32), tiling=Tiling(4, 4, 0.9, 0.9))
 
 
 def test_folders_that_are_not_a_vae_are_refused(tmp_path):

@@ -134,7 +134,7 @@ class SpatialNorm3D(nnx.Module):
 
 
 class ResnetBlock3D(nnx.Module):
-  """diffusers' CogVideoXResnetBlock3D as the decoder builds it: spatial norms, no time embedding."""
+  """diffusers' CogVideoXResnetBlock3D as the decoder builds it: spatial norms, no time input."""
 
   def __init__(self, in_channels: int, out_channels: int, cfg: CogVideoXVAEConfig, *, dtype,
                rngs: nnx.Rngs):
@@ -212,7 +212,7 @@ class UpBlock3D(MidBlock3D):
 
 
 class Decoder3D(nnx.Module):
-  """diffusers' CogVideoXDecoder3D: latents (B, F, h, w, C_latent) → frames (B, F', H, W, C_out)."""
+  """diffusers' CogVideoXDecoder3D: latents (B, F, h, w, C_latent) → video (B, F', H, W, C)."""
 
   def __init__(self, cfg: CogVideoXVAEConfig, *, dtype, rngs: nnx.Rngs):
     channels = tuple(reversed(cfg.block_out_channels))

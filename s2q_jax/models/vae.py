@@ -52,8 +52,8 @@ def frame_batches(num_frames: int, frames_per_batch: int = LATENT_FRAMES_PER_BAT
           for i in range(max(num_frames // frames_per_batch, 1))]
 
 
-# The previous batch's cache is donated: its buffers (two full-size frames per conv, 1.7 GiB
-# at 480×720 in bf16) are reused for the new cache instead of doubling that memory.
+# The previous batch's cache is donated: its buffers (two frames per conv, 2.6 GiB at 480×720
+# in bf16, see `vae_memory`) are reused for the new cache instead of doubling that memory.
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _decode_batch(graphdef: nnx.GraphDef, state: nnx.State, z: jax.Array, cache):
   return nnx.merge(graphdef, state).decoder(z, cache)
@@ -68,7 +68,7 @@ class CogVideoXVAE(nnx.Module):
 
   def decode(self, z: jax.Array | np.ndarray, *, tiling: bool | Tiling = False,
              frames_per_batch: int = LATENT_FRAMES_PER_BATCH) -> jax.Array:
-    """Latents (B, C, F, h, w) → video (B, out_channels, F', h·s, w·s), s = `config.spatial_scale`.
+    """Latents (B, C, F, h, w) → video (B, out_channels, F', h·s, w·s); s: config.spatial_scale.
 
     `z` is UNSCALED, in diffusers' VAE layout: the pipeline's latents are
     (B, F, C, h, w) and scaled, so pass ``latents.transpose(0, 2, 1, 3, 4) /
@@ -116,8 +116,8 @@ def _latent_tile(tiling: Tiling, cfg: CogVideoXVAEConfig) -> tuple[int, int]:
 
 def _decode_tiled(decode_frames, x: jax.Array, tiling: Tiling, cfg: CogVideoXVAEConfig
                   ) -> jax.Array:
-  """diffusers' `tiled_decode`: overlapping latent tiles, each decoded in frame batches, and
-  each tile's top and left edges blended into the already blended tiles above and before it."""
+  """diffusers' `tiled_decode`: overlapping latent tiles, each decoded in frame batches on its
+  own, then cross-faded where they overlap."""
   tile_h, tile_w = _latent_tile(tiling, cfg)
   step_h = int(tile_h * (1 - tiling.overlap_factor_height))
   step_w = int(tile_w * (1 - tiling.overlap_factor_width))
@@ -128,18 +128,27 @@ def _decode_tiled(decode_frames, x: jax.Array, tiling: Tiling, cfg: CogVideoXVAE
   blend_h = int(tiling.sample_min_height * tiling.overlap_factor_height)
   blend_w = int(tiling.sample_min_width * tiling.overlap_factor_width)
   keep_h, keep_w = tiling.sample_min_height - blend_h, tiling.sample_min_width - blend_w
+  tiles = [[decode_frames(x[:, :, i:i + tile_h, j:j + tile_w])
+            for j in range(0, x.shape[3], step_w)] for i in range(0, x.shape[2], step_h)]
+  return _blend_tiles(tiles, (blend_h, blend_w), (keep_h, keep_w))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _blend_tiles(tiles: list[list[jax.Array]], blend: tuple[int, int], keep: tuple[int, int]
+                 ) -> jax.Array:
+  """Blends each tile into the already blended ones above and before it (diffusers blends in
+  place), keeps the top-left `keep` pixels of each and joins them into one video."""
   rows = []
-  for i in range(0, x.shape[2], step_h):
-    row = []
-    for j in range(0, x.shape[3], step_w):
-      tile = decode_frames(x[:, :, i:i + tile_h, j:j + tile_w])
-      if rows:
-        tile = _blend(rows[-1][len(row)], tile, blend_h, axis=2)
-      if row:
-        tile = _blend(row[-1], tile, blend_w, axis=3)
-      row.append(tile)
-    rows.append(row)
-  return jnp.concatenate([jnp.concatenate([t[:, :, :keep_h, :keep_w] for t in row], axis=3)
+  for i, row in enumerate(tiles):
+    blended = []
+    for j, tile in enumerate(row):
+      if i:
+        tile = _blend(rows[i - 1][j], tile, blend[0], axis=2)
+      if j:
+        tile = _blend(blended[j - 1], tile, blend[1], axis=3)
+      blended.append(tile)
+    rows.append(blended)
+  return jnp.concatenate([jnp.concatenate([t[:, :, :keep[0], :keep[1]] for t in row], axis=3)
                           for row in rows], axis=2)
 
 

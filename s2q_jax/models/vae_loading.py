@@ -15,7 +15,6 @@ import numpy as np
 from flax import nnx
 
 from conversion.checkpoint_files import CONFIG_NAME, CheckpointError, TensorSource
-from s2q_jax.models.loading import check_finite_weights
 from s2q_jax.models.params import load_flat_params, param_shapes
 from s2q_jax.models.vae import CogVideoXVAE
 from s2q_jax.models.vae_config import CogVideoXVAEConfig
@@ -77,7 +76,8 @@ def load_vae(folder: str | os.PathLike, dtype=None, *, allow_pickle: bool = Fals
   problems = []
   if missing := sorted(set(keys.values()) - present):
     problems.append(f"missing keys: {', '.join(missing)}")
-  unexpected = sorted(k for k in present - set(keys.values()) if not k.startswith(_ENCODER_PREFIXES))
+  unexpected = sorted(k for k in present - set(keys.values())
+                      if not k.startswith(_ENCODER_PREFIXES))
   if unexpected:
     problems.append(f"unexpected keys: {', '.join(unexpected)}")
   misshaped = [f"{key} {source.shape(key)} (expected {expected})"
@@ -87,9 +87,17 @@ def load_vae(folder: str | os.PathLike, dtype=None, *, allow_pickle: bool = Fals
     problems.append(f"mis-shaped keys: {', '.join(misshaped)}")
   if problems:
     raise CheckpointError(f"{folder} does not match its config.json:\n  " + "\n  ".join(problems))
-  dtype = np.dtype(dtype) if dtype is not None else source.get(keys["decoder.conv_in.conv.kernel"]).dtype
-  model = abstract_vae(config, dtype)
-  load_flat_params(model, {path: jnp.asarray(to_flax(path, source.get(key)), dtype)
-                           for path, key in keys.items()})
-  check_finite_weights(model, folder)
+  if dtype is None:
+    dtype = source.get(keys["decoder.conv_in.conv.kernel"]).dtype
+  params, non_finite = {}, []
+  for path, key in keys.items():
+    tensor = source.get(key)
+    if not np.isfinite(tensor).all():
+      non_finite.append(key)
+    params[path] = jnp.asarray(to_flax(path, tensor), dtype)
+  if non_finite:  # checked on the host: one device program per tensor shape would cost more
+    raise CheckpointError(f"{folder} has NaN or Inf weights in {', '.join(non_finite)}; the "
+                          "checkpoint is corrupt or was saved from a diverged training run")
+  model = abstract_vae(config, np.dtype(dtype))
+  load_flat_params(model, params)
   return model

@@ -40,8 +40,11 @@ class DecodeMemory:
   output: int
 
 
+Shapes = dict[str, tuple[int, ...]]
+
+
 def batch_activation_shapes(cfg: CogVideoXVAEConfig, batch: int, frames: int, height: int,
-                            width: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+                            width: int) -> tuple[Shapes, Shapes]:
   """Channels-last shapes, by module, of each 3-tap convolution's input with its two past
   frames prepended and of each upsampler's output, for a batch of `frames` latents."""
   channels = tuple(reversed(cfg.block_out_channels))
