@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from s2q_jax.models.vae_config import CogVideoXVAEConfig
@@ -96,24 +95,12 @@ class GroupNorm(nnx.Module):
     return y.astype(x.dtype)
 
 
-def resize_nearest(x: jax.Array, size: tuple[int, int, int]) -> jax.Array:
-  """torch `F.interpolate(mode="nearest", size=...)` on the (F, H, W) axes of (B, F, H, W, C)."""
-  for axis, out in zip((1, 2, 3), size):
-    n = x.shape[axis]
-    if out % n == 0:  # the decoder's case: an integer up-scaling is a repeat
-      x = jnp.repeat(x, out // n, axis=axis)
-    else:  # torch's index rule, scale computed in float32
-      index = np.floor(np.arange(out, dtype=np.float32) * np.float32(n / out)).astype(np.int32)
-      x = jnp.take(x, np.minimum(index, n - 1), axis=axis)
-  return x
-
-
 class SpatialNorm3D(nnx.Module):
-  """GroupNorm modulated per pixel by the latents: norm(f) * conv_y(zq) + conv_b(zq).
+  """GroupNorm modulated per pixel by the latents: norm(f) * conv_y(zq) + conv_b(zq), with the
+  latents stretched to f's size by nearest neighbours (diffusers' `F.interpolate`).
 
-  The latents are stretched to f's size by nearest neighbours. For an odd
-  frame count above one, the first frame stands alone (the VAE compresses
-  1 + 4k frames into 1 + k latents), so it is stretched on its own.
+  For an odd frame count above one, the first frame stands alone (the VAE
+  compresses 1 + 4k frames into 1 + k latents), so it is stretched on its own.
   """
 
   def __init__(self, f_channels: int, zq_channels: int, groups: int, *, dtype, rngs: nnx.Rngs):
@@ -122,15 +109,33 @@ class SpatialNorm3D(nnx.Module):
     self.conv_b = CausalConv3d(zq_channels, f_channels, 1, dtype=dtype, rngs=rngs)
 
   def __call__(self, f: jax.Array, zq: jax.Array) -> jax.Array:
-    frames, height, width = f.shape[1:4]
-    if frames > 1 and frames % 2 == 1:
-      zq = jnp.concatenate([resize_nearest(zq[:, :1], (1, height, width)),
-                            resize_nearest(zq[:, 1:], (frames - 1, height, width))], axis=1)
-    else:
-      zq = resize_nearest(zq, (frames, height, width))
+    # A 1×1×1 convolution commutes with nearest-neighbour stretching, so it runs on the
+    # latents (the same values as diffusers' stretch-then-convolve). Time is stretched at the
+    # latents' size; height and width by broadcasting inside the normalisation's fusion, so
+    # no full-size scale or shift is ever stored (XLA would schedule them all up front).
+    b, frames, height, width, c = f.shape
+    _, _, h, w, _ = zq.shape
+    if height % h or width % w:
+      raise ValueError(f"features of {height}×{width} are not a multiple of the latents' {h}×{w}")
+    zq = _stretch_time(zq, frames)
     scale, _ = self.conv_y(zq)
     shift, _ = self.conv_b(zq)
-    return self.norm_layer(f) * scale + shift
+    y = self.norm_layer(f).reshape(b, frames, h, height // h, w, width // w, c)
+    y = y * scale[:, :, :, None, :, None] + shift[:, :, :, None, :, None]
+    return y.reshape(f.shape)
+
+
+def _stretch_time(zq: jax.Array, frames: int) -> jax.Array:
+  """Repeats latent frames up to `frames`, the first on its own when `frames` is odd."""
+  if frames > 1 and frames % 2 == 1:
+    return jnp.concatenate([zq[:, :1], _repeat_frames(zq[:, 1:], frames - 1)], axis=1)
+  return _repeat_frames(zq, frames)
+
+
+def _repeat_frames(zq: jax.Array, frames: int) -> jax.Array:
+  if frames % zq.shape[1]:
+    raise ValueError(f"{frames} frames are not a multiple of {zq.shape[1]} latent frames")
+  return jnp.repeat(zq, frames // zq.shape[1], axis=1)
 
 
 class ResnetBlock3D(nnx.Module):

@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="B,C,F,h,w (default: 49 frames at 480×720)")
   parser.add_argument("--compiled", action="store_true",
                       help="also compile the largest frame batch for the default backend and "
-                           "report XLA's temporary buffers (slow on CPU)")
+                           "report XLA's temporary buffers (the CPU back-end converts bfloat16 "
+                           "convolutions to float32, which inflates its bfloat16 figures)")
   args = parser.parse_args(argv)
   cfg = read_vae_config(args.vae) if args.vae else CogVideoXVAEConfig()
   latent_shape = tuple(int(n) for n in args.latents.split(","))
