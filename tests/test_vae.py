@@ -1,4 +1,5 @@
 """The Flax CogVideoX VAE decoder against diffusers' `AutoencoderKLCogVideoX.decode`."""
+import copy
 import json
 import shutil
 
@@ -12,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from conversion.checkpoint_files import CheckpointError
 from s2q_jax.models import CogVideoXVAEConfig, Tiling, UnsupportedConfigError, load_vae
+from s2q_jax.models.params import flat_params
 from s2q_jax.models.vae import _decode_batch, frame_batches
 from s2q_jax.models.vae_loading import abstract_vae
 from s2q_jax.models.vae_memory import decode_memory, decoded_frames
@@ -117,11 +119,19 @@ def test_bfloat16_decode_stays_close_to_float32(saved):
 
 def test_stored_dtype_is_kept_unless_asked(saved, tmp_path):
   _, torch_vae, _ = saved("2_blocks_time_x2")
-  torch_vae.to(torch.bfloat16).save_pretrained(tmp_path)
-  torch_vae.to(torch.float32)
+  copy.deepcopy(torch_vae).to(torch.bfloat16).save_pretrained(tmp_path)
   dtypes = lambda vae: {p.dtype for p in jax.tree.leaves(nnx.state(vae, nnx.Param))}  # noqa: E731
   assert dtypes(load_vae(tmp_path)) == {jnp.dtype("bfloat16")}
   assert dtypes(load_vae(tmp_path, dtype=jnp.float32)) == {jnp.dtype("float32")}
+
+
+def test_sharded_checkpoint_loads_the_same_weights(saved, tmp_path):
+  path, torch_vae, _ = saved("2_blocks_time_x2")
+  torch_vae.save_pretrained(tmp_path, max_shard_size="20KB")
+  assert len(list(tmp_path.glob("*.safetensors"))) > 1
+  single, sharded = flat_params(load_vae(path)), flat_params(load_vae(tmp_path))
+  assert single.keys() == sharded.keys()
+  assert all(np.array_equal(single[k], sharded[k]) for k in single)
 
 
 def _largest_intermediate(jaxpr) -> int:
@@ -211,8 +221,10 @@ def test_wrong_latents_are_refused_with_the_expected_layout(small_dir):
   vae = load_vae(small_dir)
   with pytest.raises(ValueError, match=r"expects latents \(batch, 4 channels.*transpose"):
     vae.decode(np.zeros((1, 5, 4, 4, 6), np.float32))  # transformer layout (B, F, C, h, w)
-  with pytest.raises(ValueError, match=r"shape \(4, 5, 4, 6\)"):
+  with pytest.raises(ValueError, match=r"shape \(4, 5, 4, 6\)$"):
     vae.decode(np.zeros((4, 5, 4, 6), np.float32))
+  with pytest.raises(ValueError, match=r"shape \(1, 4, 0, 4, 6\)$"):
+    vae.decode(np.zeros((1, 4, 0, 4, 6), np.float32))
   with pytest.raises(ValueError, match="overlap factors below 1"):
     vae.decode(np.zeros((1, 4, 1, 4, 6), np.float32), tiling=Tiling(4, 4, 0.9, 0.9))
 

@@ -23,7 +23,7 @@ from flax import nnx
 
 from s2q_jax.models.vae_config import CogVideoXVAEConfig
 
-# Nested dict of the conv caches, keyed like diffusers' `conv_cache` (None at a video's start).
+# Nested dict of the 3-tap convs' caches, keyed like diffusers' `conv_cache` (None: a video starts).
 ConvCache = dict[str, Any] | None
 
 _ACTIVATIONS = {

@@ -2,7 +2,7 @@
 
 `CogVideoXVAE.decode(z)` equals diffusers' `AutoencoderKLCogVideoX.decode(z).sample`:
 latents are decoded two latent frames at a time (three in the first batch of
-an odd count, so 13 latents give 9 + 6 × 8 = 49 frames), each batch carrying
+an odd count, so 13 latents give 9 + 5 × 8 = 49 frames), each batch carrying
 the conv cache of the one before. Each batch is one jitted call, so peak
 memory is one batch's activations, whatever the video length, and a
 steady-state batch compiles once. Tiling, off by default as in the pipeline,
@@ -81,10 +81,11 @@ class CogVideoXVAE(nnx.Module):
     """
     cfg = self.config
     z = jnp.asarray(z)
-    if z.ndim != 5 or z.shape[1] != cfg.latent_channels:
+    if z.ndim != 5 or z.shape[1] != cfg.latent_channels or 0 in z.shape:
+      hint = ("; transformer latents are (batch, frames, channels, height, width): transpose "
+              "axes 1 and 2" if z.ndim == 5 and z.shape[2] == cfg.latent_channels else "")
       raise ValueError(f"decode expects latents (batch, {cfg.latent_channels} channels, frames, "
-                       f"height, width), got shape {tuple(z.shape)}; transformer latents are "
-                       "(batch, frames, channels, height, width): transpose axes 1 and 2")
+                       f"height, width), got shape {tuple(z.shape)}{hint}")
     if frames_per_batch < 1:
       raise ValueError(f"frames_per_batch must be at least 1, got {frames_per_batch}")
     graphdef, state = nnx.split(self)
