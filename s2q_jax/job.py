@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ from conversion.checkpoint_files import CheckpointError
 from conversion.flax_to_diffusers import save_diffusers
 from conversion.output_dir import atomic_output_dir
 from s2q_jax import conditions as conditions_lib
-from s2q_jax import deploy, embedded, finite, fingerprint, outputs, quant
+from s2q_jax import deploy, embedded, finite, fingerprint, multihost, outputs, quant
 from s2q_jax import workdir as workdir_lib
 from s2q_jax.data import gif
 from s2q_jax.errors import UserError
@@ -43,12 +44,25 @@ def validate(cfg: ConfigDict) -> None:
       raise UserError(f"eval.{name} must be at least 1")
   if cfg.sampler.num_steps < 1:
     raise UserError("sampler.num_steps must be at least 1")
-  if CALIBRATORS[cfg.method] and cfg.calib.num_samples % jax.device_count():
-    raise UserError(f"calib.num_samples={cfg.calib.num_samples} must be a multiple of the "
-                    f"{jax.device_count()} devices it is sharded over")
+  if "distributed" in cfg.calib:
+    raise UserError(REPLACED_DISTRIBUTED)
+  multihost.check_config(cfg.mesh)
   if cfg.inference.backend not in ("",) + BACKENDS:
     raise UserError(f"inference.backend={cfg.inference.backend!r}: use '' (fake-quant) or one "
                     f"of {', '.join(BACKENDS)}")
+
+
+REPLACED_DISTRIBUTED = (
+    "calib.distributed was replaced by mesh.coordinator: on a TPU pod (or Slurm, Open MPI) "
+    "pass --config.mesh.coordinator=auto; elsewhere --config.mesh.coordinator=HOST:PORT "
+    "--config.mesh.num_processes=N --config.mesh.process_id=I on each process")
+
+
+def validate_devices(cfg: ConfigDict) -> None:
+  """The checks that need the devices: only known once the process group is joined."""
+  if CALIBRATORS[cfg.method] and cfg.calib.num_samples % jax.device_count():
+    raise UserError(f"calib.num_samples={cfg.calib.num_samples} must be a multiple of the "
+                    f"{jax.device_count()} devices it is sharded over")
 
 
 def load_model(cfg: ConfigDict):
@@ -110,15 +124,31 @@ class _Stages:
     print(f"    done in {self.timing[name]:.1f}s", flush=True)
 
 
-def run(cfg: ConfigDict) -> dict[str, Any]:
+def run(cfg: ConfigDict) -> dict[str, Any] | None:
+  """Runs the job; the report (None on processes other than process 0 of a multi-process run).
+
+  In a multi-process run every process runs this; process 0 alone logs and writes
+  (see `multihost`).
+  """
   validate(cfg)
-  workdir_lib.probe_writable(cfg.workdir)  # fails fast, but creates nothing yet
-  if cfg.calib.distributed:
-    jax.distributed.initialize()  # multi-host: every host runs this same command
+  multihost.initialize(cfg.mesh)  # before anything touches a device
+  validate_devices(cfg)
   if cfg.compilation_cache:
     # Calibration compiles the same programs for every block: reuse them, across runs too.
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  if multihost.is_writer():
+    return _run(cfg)
+  print(f"process {jax.process_index()} of {jax.process_count()}: process 0 logs and writes "
+        "the workdir", flush=True)
+  with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+    _run(cfg)
+  return None
+
+
+def _run(cfg: ConfigDict) -> dict[str, Any] | None:
+  # Fails fast, but creates nothing yet.
+  multihost.on_writer(lambda: workdir_lib.probe_writable(cfg.workdir))
   stage = _Stages()
   with stage("load", "loading model"):
     model, folder, model_name = load_model(cfg)
@@ -129,11 +159,12 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
       raise UserError(f"quant config: {e}") from None
     # Only now, with the inputs known good, does the workdir come into being.
     run_fingerprint = fingerprint.of_run(cfg, folder)
-    workdir = workdir_lib.open_workdir(os.path.abspath(cfg.workdir), run_fingerprint)
+    workdir = os.path.abspath(cfg.workdir)
+    multihost.on_writer(lambda: workdir_lib.open_workdir(workdir, run_fingerprint))
   gen = dict(num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale)
   with stage("fp_generation", f"generating {len(noise)} full-precision videos"):
     fp_videos = _fp_videos(cfg, model, folder, noise, cond, uncond, gen)
-  fp_bytes = _bf16_file_bytes(model, workdir)
+  fp_bytes = multihost.on_writer(lambda: _bf16_file_bytes(model, workdir))
   calibrator = CALIBRATORS[cfg.method]
   fp_model = nnx.clone(model) if calibrator else None
   with stage("quantization", f"quantizing ({cfg.method}, W{cfg.quant.w_bits}A{cfg.quant.a_bits})"):
@@ -153,49 +184,86 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
         raise UserError(f"{cfg.method}: {e}") from None
     del fp_model
   quant.freeze_all(model)
-  with stage("export", "exporting the quantized checkpoint"):
-    export_dir = os.path.join(workdir, "quantized_model")
-    with atomic_output_dir(export_dir, overwrite=True) as tmp:
-      deploy.export_quantized(model, tmp)
-    quant_bytes = deploy.weights_file_bytes(export_dir)
   backend = cfg.inference.backend
+  export_dir = os.path.join(workdir, "quantized_model")
+  with stage("export", "exporting the quantized checkpoint"):
+    quant_bytes = multihost.on_writer(lambda: _export(model, export_dir))
   with stage("quant_generation", f"generating {len(noise)} quantized videos"
              + (f" from the exported checkpoint ({backend} kernels)" if backend else "")):
-    q_model = load_pretrained(export_dir, backend=backend) if backend else model
-    q_videos = generate(q_model, noise, cond, uncond, label="quantized", **gen)
+    with _deployed(model, export_dir, backend) as q_model:
+      q_videos = _generate(q_model, noise, cond, uncond, label="quantized", **gen)
     finite.check_arrays("quantized generation", {"videos": q_videos},
                         "the quantized model overflows; try more bits or another method")
-  with stage("evaluation", "evaluating and writing videos"):
-    scores = metrics.summarize(fp_videos, q_videos)
-    finite.check_metrics(scores)
-    videos = []
-    for i, (fp, q, name) in enumerate(zip(fp_videos, q_videos, names)):
-      path = os.path.join(workdir, "videos", f"{i:02d}_{_slug(name)}.gif")
-      outputs.write_with(path, lambda tmp, fp=fp, q=q: gif.save_side_by_side(
-          tmp, [fp, q], scale=cfg.eval.gif_scale))
-      videos.append(path)
-  report = {
-      "method": cfg.method, "w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits,
-      "model": model_name, "metrics": scores,
-      "size": {"fp_bytes": fp_bytes, "quant_bytes": quant_bytes,
-               "compression": fp_bytes / quant_bytes},
-      "checkpoint": export_dir,
-      "inference_backend": backend or "fake_quant (frozen integer codes, XLA)",
-      "timing": stage.timing,
-      "layers": {"quantized": [l.path for l in layers if l.quantized],
-                 "full_precision": [l.path for l in layers if not l.quantized]},
-      "eval": {"num_videos": len(noise), "num_steps": cfg.sampler.num_steps,
-               "guidance_scale": cfg.sampler.guidance_scale, "seed": cfg.seed,
-               "conditions": names},
-      "videos": videos,
-      "calibration": calibration,
-      "fingerprint": run_fingerprint,  # `compare` reruns a finished run whose settings differ
-  }
-  json_path, md_path = report_lib.write_report(workdir, report)
-  print("\n" + report_lib.summary_table(report))
-  print(f"\nreport: {json_path}\n        {md_path}\nvideos: {os.path.dirname(videos[0])}/ "
-        "(left: full precision, right: quantized)")
-  return report
+
+  def finish() -> dict[str, Any]:
+    with stage("evaluation", "evaluating and writing videos"):
+      scores = metrics.summarize(fp_videos, q_videos)
+      finite.check_metrics(scores)
+      videos = []
+      for i, (fp, q, name) in enumerate(zip(fp_videos, q_videos, names)):
+        path = os.path.join(workdir, "videos", f"{i:02d}_{_slug(name)}.gif")
+        outputs.write_with(path, lambda tmp, fp=fp, q=q: gif.save_side_by_side(
+            tmp, [fp, q], scale=cfg.eval.gif_scale))
+        videos.append(path)
+    report = {
+        "method": cfg.method, "w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits,
+        "model": model_name, "metrics": scores,
+        "size": {"fp_bytes": fp_bytes, "quant_bytes": quant_bytes,
+                 "compression": fp_bytes / quant_bytes},
+        "checkpoint": export_dir,
+        "inference_backend": backend or "fake_quant (frozen integer codes, XLA)",
+        "timing": stage.timing,
+        "layers": {"quantized": [l.path for l in layers if l.quantized],
+                   "full_precision": [l.path for l in layers if not l.quantized]},
+        "eval": {"num_videos": len(noise), "num_steps": cfg.sampler.num_steps,
+                 "guidance_scale": cfg.sampler.guidance_scale, "seed": cfg.seed,
+                 "conditions": names},
+        "videos": videos,
+        "calibration": calibration,
+        "fingerprint": run_fingerprint,  # `compare` reruns a finished run whose settings differ
+    }
+    json_path, md_path = report_lib.write_report(workdir, report)
+    print("\n" + report_lib.summary_table(report))
+    print(f"\nreport: {json_path}\n        {md_path}\nvideos: {os.path.dirname(videos[0])}/ "
+          "(left: full precision, right: quantized)")
+    return report
+
+  return multihost.on_writer(finish)
+
+
+def _generate(model, noise: np.ndarray, cond: np.ndarray, uncond: np.ndarray,
+              **kwargs) -> np.ndarray:
+  """All the videos, on every process; with several processes each generates its share."""
+  lo, hi = multihost.share_of(len(noise))
+  if hi > lo:
+    part = generate(model, noise[lo:hi], cond[lo:hi], uncond, **kwargs)
+  else:
+    part = np.zeros((0,) + noise.shape[1:], np.float32)
+  return multihost.gather(part, len(noise))
+
+
+@contextlib.contextmanager
+def _deployed(model, export_dir: str, backend: str):
+  """The model quantized videos come from: in memory, or the exported checkpoint on `backend`.
+
+  Processes other than 0 cannot read the workdir: they export their own (identical)
+  copy to a temporary folder and load that.
+  """
+  if not backend:
+    yield model
+  elif multihost.is_writer():
+    yield load_pretrained(export_dir, backend=backend)
+  else:
+    with tempfile.TemporaryDirectory() as tmp:
+      deploy.export_quantized(model, tmp)
+      yield load_pretrained(tmp, backend=backend)
+
+
+def _export(model, export_dir: str) -> int:
+  """Writes the quantized checkpoint; its weights file's size in bytes."""
+  with atomic_output_dir(export_dir, overwrite=True) as tmp:
+    deploy.export_quantized(model, tmp)
+  return deploy.weights_file_bytes(export_dir)
 
 
 def _cache_key(cfg: ConfigDict, folder: str, prefixes: tuple[str, ...], **extra) -> dict:
@@ -209,14 +277,14 @@ def _fp_videos(cfg: ConfigDict, model, folder: str, noise, cond, uncond, gen: di
   """The full-precision videos, from `eval.fp_videos_path` when it holds these very ones."""
   path = os.path.expanduser(cfg.eval.fp_videos_path)
   key = _cache_key(cfg, folder, ("seed", "model.", "sampler."), shape=list(noise.shape))
-  cached = outputs.load_npz(path, key)
-  if cached is not None:
-    return cached["videos"]
-  videos = generate(model, noise, cond, uncond, label="full precision", **gen)
+  cached = multihost.on_writer(lambda: outputs.load_npz(path, key))
+  if multihost.share_json(cached is not None):
+    return None if cached is None else cached["videos"]  # only process 0 evaluates
+  videos = _generate(model, noise, cond, uncond, label="full precision", **gen)
   finite.check_arrays("full-precision generation", {"videos": videos},
                       "the model's activations overflow; try --config.model.dtype=float32")
   if path:
-    outputs.save_npz(path, {"videos": videos}, key)
+    multihost.on_writer(lambda: outputs.save_npz(path, {"videos": videos}, key))
   return videos
 
 
@@ -227,7 +295,7 @@ def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str) -> p
   # methods and ablations that differ only there share one pool (code changes count).
   key = _cache_key(cfg, folder, ("seed", "model.", "sampler.", "calib.num_prompts",
                                  "eval.frames", "eval.height", "eval.width"))
-  cached = outputs.load_npz(path, key)
+  cached = multihost.share_arrays(multihost.on_writer(lambda: outputs.load_npz(path, key)))
   if cached is not None:
     return pool_lib.Pool(**cached)
   calib = cfg.copy_and_resolve_references()
@@ -239,7 +307,7 @@ def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str) -> p
   finite.check_arrays("calibration pool (full-precision sampler)",
                       {f.name: getattr(pool, f.name) for f in dataclasses.fields(pool)},
                       "the model's activations overflow; try --config.model.dtype=float32")
-  outputs.save_npz(path, dataclasses.asdict(pool), key)
+  multihost.on_writer(lambda: outputs.save_npz(path, dataclasses.asdict(pool), key))
   return pool
 
 

@@ -43,7 +43,13 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.calib.diffusion_salience = "latent"  # latent: ‖x_t − x_{t−1}‖²/‖x_t‖² | x0: change of x̂₀
   c.calib.salience = "input"  # input: ‖x_tᵀx_t‖₂ of the latent | layer: Σ over quantized layers
   c.calib.pool_path = ""  # where the candidate pool is cached ('' = <workdir>/pool.npz)
-  c.calib.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
+
+  # Several processes (hosts of a TPU pod or GPU cluster; CPU processes in tests), each
+  # running this same command: their devices form one mesh; process 0 alone writes.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.coordinator = ""  # '': one process | host:port of process 0 | auto: discovered
+  c.mesh.num_processes = ml_collections.config_dict.placeholder(int)  # with host:port
+  c.mesh.process_id = ml_collections.config_dict.placeholder(int)  # 0 … num_processes − 1
 
   c.distill = ml_collections.ConfigDict()
   c.distill.enabled = True

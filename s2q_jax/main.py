@@ -48,6 +48,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     configs = os.path.join(os.path.dirname(_HERE), "configs")
     hint = f" (the shipped configs are in {configs}/)" if os.path.isdir(configs) else ""
     _fail(f"cannot load the --config file {path}: no such file{hint}")
+  if any(arg.startswith("--config.calib.distributed") for arg in argv[1:]):
+    _fail(job.REPLACED_DISTRIBUTED)
   try:
     rest = flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:

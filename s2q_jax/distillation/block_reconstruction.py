@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from s2q_jax import multihost
 from s2q_jax.distillation.token_importance import weighted_token_mse
 from s2q_jax.quant.qlinear import SmoothScale, WeightClip, project
 
@@ -98,11 +99,16 @@ def _train_step(graphdef, groups: tuple[tuple[type, float], ...], total_steps: i
 
 def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
                 mesh: jax.sharding.Mesh, groups: dict[type, float] | None = None,
-                loss: LossFn = weighted_token_mse) -> list[float]:
+                loss: LossFn = weighted_token_mse,
+                on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
   """Optimises `block`'s learnable Variables in place; returns the mean loss per epoch.
 
   `groups` maps Variable types to learning rates (default: clipping at
   `cfg.lr_clip`, smoothing at `cfg.lr_smooth`). Outputs are (N, text + video, D).
+  The block and `data` are the same on every process; the mesh may span
+  processes, and the learned values come back on this process's first device,
+  where the rest of calibration runs. `on_epoch(epoch, mean loss)` follows
+  each epoch (progress reports).
   """
   groups = groups or {WeightClip: cfg.lr_clip, SmoothScale: cfg.lr_smooth}
   n = len(data.video)
@@ -116,24 +122,26 @@ def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
   # Replicated from the first step on, as the step's outputs are: the same input
   # shardings at every call, so one compilation serves them all.
   replicated = NamedSharding(mesh, P())
-  params, rest, rotary = jax.device_put((params, rest, rotary), replicated)
-  opt_state = jax.device_put(tuple(tx.init(p) for tx, p in zip(txs, params)), replicated)
+  params, rest, rotary = multihost.put((params, rest, rotary), replicated)
+  opt_state = multihost.put(tuple(tx.init(p) for tx, p in zip(txs, params)), replicated)
 
   arrays = (data.video, data.text, data.temb, data.target_video, data.target_text, data.weights)
   sharding = NamedSharding(mesh, P("data"))
   rng = np.random.default_rng(cfg.seed)
   history = []
-  for _ in range(cfg.epochs):
+  for epoch in range(cfg.epochs):
     order = rng.permutation(n)
     losses = []
     for i in range(steps_per_epoch):
       idx = order[i * batch:(i + 1) * batch]
-      shard = [jax.device_put(jnp.asarray(a[idx]), sharding) for a in arrays]
+      shard = [multihost.put(np.asarray(a[idx]), sharding) for a in arrays]
       params, opt_state, value = step(params, rest, opt_state, rotary, *shard)
       losses.append(float(value))
     history.append(float(np.mean(losses)))
     if not np.isfinite(history[-1]):
-      nnx.update(block, *params)
+      nnx.update(block, *multihost.local(params))
       raise NonFiniteLoss(f"loss became {history[-1]}")
-  nnx.update(block, *params)
+    if on_epoch is not None:
+      on_epoch(epoch, history[-1])
+  nnx.update(block, *multihost.local(params))
   return history
