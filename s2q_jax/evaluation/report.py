@@ -72,13 +72,20 @@ def _calibration_markdown(c: dict[str, Any]) -> list[str]:
               + ", ".join(f"{k} ×{choices.count(k)}" for k in sorted(set(choices))) + ".", ""]
   if "blocks" not in c:
     return lines
-  lines += ["| block | time (s) | peak RSS (GiB) | loss, first → last epoch | output MSE |",
-            "|---|---|---|---|---|"]
+  # The host peak is each block's own (on Linux), so a block that needs more memory
+  # than the one before shows; devices report only their peak so far.
+  device = any(b.get("peak_device_gib") is not None for b in c["blocks"])
+  lines += ["| block | time (s) | peak RSS (GiB) | " + ("peak device (GiB) | " if device else "")
+            + "loss, first → last epoch | output MSE |",
+            "|---|---|---|" + ("---|" if device else "") + "---|---|"]
   for b in c["blocks"]:
     loss = ("—" if b["loss_first_epoch"] is None
             else f"{b['loss_first_epoch']:.3g} → {b['loss_last_epoch']:.3g}")
-    lines.append(f"| {b['block']} | {b['seconds']:.1f} | {b['peak_rss_gib']:.2f} | {loss} | "
-                 f"{b['output_mse_after_freeze']:.3g} |")
+    peak_device = b.get("peak_device_gib")
+    lines.append(f"| {b['block']} | {b['seconds']:.1f} | {b['peak_rss_gib']:.2f} | "
+                 + (f"{peak_device:.2f} | " if device and peak_device is not None
+                    else "— | " if device else "")
+                 + f"{loss} | {b['output_mse_after_freeze']:.3g} |")
   return lines
 
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from s2q_jax.calibration.capture import recording
@@ -28,10 +26,13 @@ from s2q_jax.calibration.pool import Pool
 from s2q_jax.distillation import attention_token_importance, token_weights
 from s2q_jax.distillation.block_reconstruction import (BlockData, LossFn, NonFiniteLoss,
                                                        TrainConfig, train_block)
+from s2q_jax import memory
 from s2q_jax.errors import UserError
+from s2q_jax.methods.block_checkpoint import BlockCheckpoint
+from s2q_jax.progress import Progress, format_seconds
 from s2q_jax.quant import QuantLinear, SmoothScale
 from s2q_jax.quant.apply import quantized_layers
-from s2q_jax.quant.qlinear import Codes, QuantParam
+from s2q_jax.quant.qlinear import QuantParam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,20 +144,20 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
   run = lambda block, v, t, e: _batched(  # noqa: E731
       lambda v_, t_, e_: _apply_block(block, v_, t_, e_, rotary), (v, t, e))
 
-  ckpt = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "calibration")),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=1))
+  ckpt = BlockCheckpoint(os.path.join(workdir, "calibration"))
   blocks = list(zip(fp_model.transformer_blocks, q_model.transformer_blocks))
-  done = ckpt.latest_step() or 0
+  done = min(ckpt.blocks_done(), len(blocks))
   if done:
     for b, (_, q_block) in enumerate(blocks[:done]):
       recipe.prepare_block(q_block, f"transformer_blocks.{b}")
       for _, layer in quantized_layers(q_block):
         layer.freeze()  # placeholders with the right structure, overwritten by the restore
-    state = nnx.state(q_model, nnx.Any(QuantParam, Codes))
-    restored = ckpt.restore(done, args=ocp.args.StandardRestore(nnx.to_pure_dict(state)))
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(q_model, state)
+      ckpt.restore(b, q_block)
     log(f"  resumed after block {done}")
+  epochs = recipe.train.epochs if recipe.enabled else 0
+  # A block's unit of work: its epochs, plus one for what surrounds them (targets, GPTQ).
+  progress = Progress((len(blocks) - done) * (epochs + 1), "calibration", log=log,
+                      skip_first=epochs + 1)
 
   stats = []
   for b, (fp_block, q_block) in enumerate(blocks):
@@ -165,6 +166,8 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
       video_q, text_q = run(q_block, video_q, text_q, temb_q)
       continue
     start = time.perf_counter()
+    memory.reset_host_peak()
+    units_before = (b - done) * (epochs + 1)
     recipe.prepare_block(q_block, f"transformer_blocks.{b}")
     layers = quantized_layers(q_block)
     paths = {p for p, _ in layers}
@@ -182,12 +185,18 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
                                              (video_q, text_q, temb_q), rotary,
                                              transformed=False),
                      recipe.smooth_alpha)
-    history = []
+    history, epoch_ends = [], [time.perf_counter()]
+
+    def on_epoch(epoch: int, loss: float, b=b, units_before=units_before) -> None:
+      epoch_ends.append(time.perf_counter())
+      progress.update(units_before + epoch + 1, f"block {b + 1}/{len(blocks)} epoch "
+                      f"{epoch + 1}/{epochs} loss {loss:.2e}")
+
     if recipe.enabled:
       try:
         history = train_block(
             q_block, BlockData(video_q, text_q, temb_q, target_v, target_t, weights), rotary,
-            recipe.train, mesh, groups=recipe.groups,
+            recipe.train, mesh, groups=recipe.groups, on_epoch=on_epoch,
             **({"loss": recipe.loss(text.shape[1], f)} if recipe.loss else {}))
       except NonFiniteLoss as e:
         _check_finite(b, layers)
@@ -200,14 +209,19 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
     video, text = target_v, target_t
     err = float(np.mean((np.concatenate([text_q, video_q], 1) -
                          np.concatenate([target_t, target_v], 1)) ** 2))
-    state = nnx.state(q_model, nnx.Any(QuantParam, Codes))
-    ckpt.save(b + 1, args=ocp.args.StandardSave(nnx.to_pure_dict(state)))
-    ckpt.wait_until_finished()
+    ckpt.save(b, q_block)
+    progress.update(units_before + epochs + 1, show=False)
+    progress.clear()
     stats.append({"block": b, "seconds": time.perf_counter() - start,
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "peak_rss_gib": memory.host_peak_gib(),
+                  "peak_device_gib": memory.device_peak_gib(),
+                  "epoch_seconds": np.diff(epoch_ends).tolist(),
                   "loss_first_epoch": history[0] if history else None,
                   "loss_last_epoch": history[-1] if history else None,
                   "output_mse_after_freeze": err})
+    eta = progress.eta()
     log(f"  block {b + 1}/{len(blocks)}: {stats[-1]['seconds']:.1f}s, output MSE {err:.2e}"
-        + (f", loss {history[0]:.2e} → {history[-1]:.2e}" if history else ""))
+        + (f", loss {history[0]:.2e} → {history[-1]:.2e}" if history else "")
+        + (f", peak RSS {stats[-1]['peak_rss_gib']:.2f} GiB, ETA {format_seconds(eta)}"
+           if eta is not None else ""))
   return {"blocks": stats, "devices": int(mesh.devices.size)}

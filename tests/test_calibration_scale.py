@@ -1,0 +1,76 @@
+"""Calibration scales with depth: blocks after the first compile nothing and hold no more memory.
+
+A real model has 30–60 blocks. Anything a block leaves behind (a program
+traced again for its own closures or static attributes and kept alive in
+JAX's caches, arrays kept in lists) grows the memory with every block, as
+the embedded model's default job once did (+0.3 GiB per block).
+"""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from s2q_jax import deploy, quant
+from s2q_jax.calibration.pool import build_pool
+from s2q_jax.job_config import base_config
+from s2q_jax.methods import s2q
+from s2q_jax.models import CogVideoXTransformer3D
+from tiny import ONE_BLOCK
+
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+  """Three blocks calibrated, with what JAX traced after the first block was done."""
+  fp = CogVideoXTransformer3D(dataclasses.replace(ONE_BLOCK, num_layers=3), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  pool = build_pool(fp, rng.standard_normal((2, 4, 16)).astype(np.float32),
+                    np.zeros((4, 16), np.float32),
+                    rng.standard_normal((2, 2, 3, 8, 8)).astype(np.float32),
+                    num_steps=2, guidance_scale=2.0)
+  q = nnx.clone(fp)
+  quant.quantize_model(q, quant.make_rules(4, 6))
+  deploy.round_fp_params(q)
+  cfg = base_config(4, 6, "s2q")
+  cfg.calib.num_prompts, cfg.calib.num_samples = 2, 4
+  cfg.distill.epochs, cfg.distill.batch_size = 2, 2
+
+  traced, messages = [], []
+
+  def on_trace(event, duration, **kwargs):
+    del duration
+    if event == TRACE_EVENT and any(m.strip().startswith("block 1/") for m in messages):
+      traced.append(kwargs.get("fun_name", "?"))
+
+  jax.monitoring.register_event_duration_secs_listener(on_trace)
+  try:
+    stats = s2q.calibrate(q, fp, pool, cfg, str(tmp_path_factory.mktemp("w")),
+                          jax.make_mesh((1,), ("data",)), log=messages.append)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_trace)
+  return stats, traced, messages
+
+
+def test_blocks_after_the_first_trace_nothing(calibration):
+  _, traced, _ = calibration
+  assert traced == [], f"traced again for later blocks: {sorted(set(traced))}"
+
+
+def test_report_has_each_blocks_own_peak_memory_and_epoch_times(calibration):
+  stats, _, messages = calibration
+  blocks = stats["blocks"]
+  assert [b["block"] for b in blocks] == [0, 1, 2]
+  assert all(len(b["epoch_seconds"]) == 2 and min(b["epoch_seconds"]) > 0 for b in blocks)
+  assert all(0 < sum(b["epoch_seconds"]) < b["seconds"] for b in blocks)
+  # Blocks 2 and 3 do the same work with nothing new to compile: the same peak.
+  peaks = [b["peak_rss_gib"] for b in blocks]
+  assert abs(peaks[2] - peaks[1]) < 0.05, peaks
+  assert all(b["peak_device_gib"] is None for b in blocks)  # CPU devices report none
+  # Each block's log line says where it is and what is left; a log file gets plain lines.
+  done = [m for m in messages if m.strip().startswith("block ")]
+  assert len(done) == 3 and all("peak RSS" in m and "ETA" in m for m in done)
+  assert done[-1].endswith("ETA 0:00")
+  assert not any("\r" in m for m in messages)
