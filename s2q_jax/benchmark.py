@@ -2,6 +2,9 @@
 
   python -m s2q_jax.benchmark --preset cogvideox-2b --storage-only --json F   # no accelerator
   python -m s2q_jax.benchmark --preset cogvideox-5b --backends xla_int8,gpu,auto --json F
+  python -m s2q_jax.benchmark --calibration --preset cogvideox-2b --blocks 1 --json F
+
+`--calibration` times S²Q calibration instead (see `s2q_jax.calibration_benchmark`).
 
 Random weights at the preset's size, quantized with the main job's default
 layer rules at W4A6 (`job_config.base_config(4, 6, "rtn")`), exported as the
@@ -125,7 +128,16 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--storage-only", action="store_true",
                       help="only export and measure file sizes (no accelerator needed)")
   parser.add_argument("--json", default=None, help="write the result to this file")
+  calib = parser.add_argument_group("--calibration: time and memory of S²Q calibration")
+  calib.add_argument("--calibration", action="store_true")
+  calib.add_argument("--blocks", type=int, default=1, help="blocks to calibrate")
+  calib.add_argument("--tokens", type=int, default=None,
+                     help="tokens per sample, text included (default: the preset's video)")
+  calib.add_argument("--samples", type=int, default=4, help="calibration inputs (one batch)")
+  calib.add_argument("--epochs", type=int, default=3, help="epochs (the first also compiles)")
   args = parser.parse_args(argv)
+  if args.calibration:
+    return _calibration_main(args, argv)
   from pallas_kernels import BACKENDS  # pylint: disable=import-outside-toplevel
   backends = [b for b in args.backends.split(",") if b]
   if bad := [b for b in backends if b not in BACKENDS]:
@@ -141,6 +153,28 @@ def main(argv: list[str] | None = None) -> dict:
   for name, seconds in result.get("forward_seconds", {}).items():
     speedup = result["speedup_vs_bf16"].get(name)
     print(f"forward {name:>16}: {seconds:8.3f} s" + (f"  {speedup:.2f}× bf16" if speedup else ""))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def _calibration_main(args, argv) -> dict:
+  from s2q_jax import calibration_benchmark  # pylint: disable=import-outside-toplevel
+  preset = args.preset or ("small" if jax.default_backend() == "cpu" else "cogvideox-2b")
+  overrides, video = PRESETS[preset]
+  result = {"command": "python -m s2q_jax.benchmark " + " ".join(argv or sys.argv[1:]),
+            "preset": preset, **environment(),
+            **calibration_benchmark.run(overrides, video, blocks=args.blocks, tokens=args.tokens,
+                                        samples=args.samples, epochs=args.epochs)}
+  print(f"{preset} calibration: hidden {result['hidden']}, {result['tokens']} tokens, "
+        f"{result['samples']} samples × {result['epochs']} epochs on {result['devices']} × "
+        f"{result['device']}")
+  for b in result["blocks"]:
+    device = b["peak_device_gib"]
+    print(f"block {b['block']}: {b['seconds_per_sample_epoch']:.2f} s per sample-epoch, first "
+          f"epoch {b['first_epoch_seconds']:.1f} s, other work {b['other_seconds']:.1f} s, peak "
+          f"host {b['peak_host_gib']:.2f} GiB" + (f", device {device:.2f} GiB" if device else ""))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)
