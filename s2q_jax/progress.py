@@ -24,9 +24,9 @@ def format_seconds(seconds: float) -> str:
 class Progress:
   """Progress over `total` units of work, with the time left extrapolated from the rate so far.
 
-  `skip_first` units are left out of the rate once later units are done: the
-  first block of a calibration also compiles every program, so the time it
-  took says little about the blocks after it.
+  `skip_first` units are left out of the rate once as many later units are
+  done: the first block of a calibration also compiles every program, so the
+  time it took says little about the blocks after it.
   """
 
   def __init__(self, total: int, label: str, *, log: Callable[[str], None] = print,
@@ -44,7 +44,9 @@ class Progress:
   def eta(self) -> float | None:
     """Seconds left, or None before any unit is done."""
     now = self.clock()
-    if self._skip_done_at is not None and self.done > self.skip_first:
+    # Without the skipped units once as many again are done: fewer would make the
+    # rate of one epoch, slowed by anything at all, stand for the whole run.
+    if self._skip_done_at is not None and self.done >= 2 * self.skip_first:
       rate = (now - self._skip_done_at) / (self.done - self.skip_first)
     elif self.done > 0:
       rate = (now - self.start) / self.done

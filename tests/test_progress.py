@@ -33,7 +33,10 @@ def test_eta_extrapolates_the_rate_without_the_first_block():
   clock.now += 40
   progress.update(4, show=False)
   assert progress.eta() == pytest.approx(40 / 4 * 8)  # nothing better known yet
-  clock.now += 2 * 4
+  clock.now += 2
+  progress.update(5, show=False)  # one unit alone is not a rate to trust
+  assert progress.eta() == pytest.approx(42 / 5 * 7)
+  clock.now += 2 * 3
   progress.update(8, show=False)
   assert progress.eta() == pytest.approx(2 * 4)  # the compiling block no longer counts
 

@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from s2q_jax import memory
 from s2q_jax.calibration.capture import recording
 from s2q_jax.calibration.gptq import accumulate_hessian, gptq_quantize
 from s2q_jax.calibration.pool import Pool
 from s2q_jax.distillation import attention_token_importance, token_weights
 from s2q_jax.distillation.block_reconstruction import (BlockData, LossFn, NonFiniteLoss,
                                                        TrainConfig, train_block)
-from s2q_jax import memory
 from s2q_jax.errors import UserError
 from s2q_jax.methods.block_checkpoint import BlockCheckpoint
 from s2q_jax.progress import Progress, format_seconds
@@ -222,6 +222,6 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
     eta = progress.eta()
     log(f"  block {b + 1}/{len(blocks)}: {stats[-1]['seconds']:.1f}s, output MSE {err:.2e}"
         + (f", loss {history[0]:.2e} → {history[-1]:.2e}" if history else "")
-        + (f", peak RSS {stats[-1]['peak_rss_gib']:.2f} GiB, ETA {format_seconds(eta)}"
-           if eta is not None else ""))
+        + f", peak RSS {stats[-1]['peak_rss_gib']:.2f} GiB"
+        + (f", ETA {format_seconds(eta)}" if eta is not None else ""))
   return {"blocks": stats, "devices": int(mesh.devices.size)}
