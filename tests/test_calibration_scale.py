@@ -6,6 +6,7 @@ JAX's caches, arrays kept in lists) grows the memory with every block, as
 the embedded model's default job once did (+0.3 GiB per block).
 """
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -74,3 +75,39 @@ def test_report_has_each_blocks_own_peak_memory_and_epoch_times(calibration):
   assert len(done) == 3 and all("peak RSS" in m and "ETA" in m for m in done)
   assert done[-1].endswith("ETA 0:00")
   assert not any("\r" in m for m in messages)
+
+
+@pytest.mark.parametrize("tokens,latent", [
+    (None, (13, 60, 90)),  # the preset's video: 13 · 30 · 45 + 226 = 17,776 tokens
+    (17_776, (13, 60, 90)),
+    (1_576, (1, 60, 90)),  # one frame: 30 · 45 + 226
+    (2_926, (2, 60, 90)),
+    (226 + 45 * 10, (1, 20, 90)),  # ten rows of patches
+])
+def test_benchmark_latent_has_the_tokens_asked_for(tokens, latent):
+  from s2q_jax.benchmark import PRESETS  # pylint: disable=import-outside-toplevel
+  from s2q_jax.calibration_benchmark import latent_shape  # pylint: disable=import-outside-toplevel
+  from s2q_jax.models import CogVideoXConfig  # pylint: disable=import-outside-toplevel
+  overrides, video = PRESETS["cogvideox-2b"]
+  assert latent_shape(CogVideoXConfig(**overrides), video, tokens) == latent
+
+
+def test_benchmark_rejects_fewer_tokens_than_one_row():
+  from s2q_jax.benchmark import PRESETS  # pylint: disable=import-outside-toplevel
+  from s2q_jax.calibration_benchmark import latent_shape  # pylint: disable=import-outside-toplevel
+  from s2q_jax.models import CogVideoXConfig  # pylint: disable=import-outside-toplevel
+  overrides, video = PRESETS["cogvideox-2b"]
+  with pytest.raises(ValueError, match="at least 271"):
+    latent_shape(CogVideoXConfig(**overrides), video, 250)
+
+
+def test_calibration_benchmark_reports_time_per_sample_epoch(tmp_path):
+  from s2q_jax import benchmark  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "calibration.json"
+  result = benchmark.main(["--calibration", "--preset", "small", "--samples", "1",
+                           "--epochs", "2", "--json", str(out)])
+  assert json.loads(out.read_text()) == result
+  assert result["tokens"] == 226 + 2 * 8 * 8 and result["latent"] == [2, 16, 16]
+  (block,) = result["blocks"]
+  assert block["seconds_per_sample_epoch"] > 0 and block["peak_host_gib"] > 0
+  assert block["first_epoch_seconds"] + block["other_seconds"] < block["seconds"] + 1e-6
