@@ -46,7 +46,7 @@ def test_factor_sizes_are_near_square_root(k, sizes):
 
 def test_kronecker_apply_and_fold_match_numpy():
   p1, p2 = np.asarray(_x((4, 4), 0)) + 3 * np.eye(4), np.asarray(_x((6, 6), 1)) + 3 * np.eye(6)
-  x, w = np.asarray(_x((5, 24), 2)), np.asarray(_x((24, 7), 3))
+  x, w = np.asarray(_x((2, 5, 24), 2)), np.asarray(_x((24, 7), 3))
   full = np.kron(p1.astype(np.float64), p2.astype(np.float64))
   np.testing.assert_allclose(kronecker.apply(jnp.asarray(x), jnp.asarray(p1), jnp.asarray(p2)),
                              x @ full, rtol=1e-5, atol=1e-5)

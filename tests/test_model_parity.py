@@ -2,6 +2,7 @@
 import ast
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -103,3 +104,22 @@ def test_wrong_input_shape_is_explained(tiny_diffusers_dir):
   model = load_pretrained(str(tiny_diffusers_dir[0]))
   with pytest.raises(ValueError, match="multiples of patch_size"):
     model(jnp.zeros((1, 2, 4, 7, 12)), jnp.zeros((1, 7, 24)), jnp.array([1]))
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_attention_matches_jax_and_its_gradient(dtype, tol):
+  # On CPU the model normalises after the value product (faster there); the result and
+  # its gradient must be those of JAX's generic softmax attention.
+  from s2q_jax.models.attention import dot_product_attention
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(3 * rng.standard_normal((2, 3, 40, 16)), dtype) for _ in range(3))
+  reference = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+      q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), implementation="xla").swapaxes(1, 2)
+  np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v), np.float32),
+                             np.asarray(reference(q, k, v), np.float32), rtol=tol, atol=tol)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a).astype(jnp.float32)))  # noqa: E731
+  got = jax.grad(loss(dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=10 * tol, atol=10 * tol)

@@ -136,8 +136,8 @@ def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
       idx = order[i * batch:(i + 1) * batch]
       shard = [multihost.put(np.asarray(a[idx]), sharding) for a in arrays]
       params, opt_state, value = step(params, rest, opt_state, rotary, *shard)
-      losses.append(float(value))
-    history.append(float(np.mean(losses)))
+      losses.append(value)  # read at the epoch's end: a read per step would stall dispatch
+    history.append(float(np.mean(jax.device_get(losses))))
     if not np.isfinite(history[-1]):
       nnx.update(block, *multihost.local(params))
       raise NonFiniteLoss(f"loss became {history[-1]}")

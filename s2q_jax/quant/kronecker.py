@@ -40,10 +40,13 @@ def initial_factors(k: int, init: str) -> tuple[jax.Array, jax.Array]:
 def apply(x: jax.Array, p1: jax.Array, p2: jax.Array) -> jax.Array:
   """x (..., a·b) times P₁ ⊗ P₂, computed as P₁ᵀ X P₂ on each token's (a, b) matrix X."""
   a, b = p1.shape[0], p2.shape[0]
-  xm = x.reshape(*x.shape[:-1], a, b)
-  y = jnp.einsum("...ij,ik,jl->...kl", xm, p1.astype(x.dtype), p2.astype(x.dtype),
-                 precision=_HIGHEST)
-  return y.reshape(x.shape)
+  t = x.size // (a * b)
+  # Two plain (tokens·a, b) @ (b, b) and (tokens·b, a) @ (a, a) matmuls: on CPU about
+  # 3× faster forward and backward than one three-operand einsum at 512 features.
+  y = jnp.matmul(x.reshape(t * a, b), p2.astype(x.dtype), precision=_HIGHEST)
+  y = jnp.swapaxes(y.reshape(t, a, b), 1, 2).reshape(t * b, a)
+  y = jnp.matmul(y, p1.astype(x.dtype), precision=_HIGHEST)
+  return jnp.swapaxes(y.reshape(t, b, a), 1, 2).reshape(x.shape)
 
 
 def fold_inverse(w: jax.Array, p1: jax.Array, p2: jax.Array) -> jax.Array:
