@@ -5,6 +5,7 @@ the latents after each step, fed the same random model outputs (and, for
 the stochastic CogVideoX DPM solver, the same step noise), in float32.
 """
 import inspect
+import json
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from s2q_jax.calibration.pool import build_pool
 from s2q_jax.generation import generate, sampler
 from s2q_jax.sampling import (CogVideoXDPMSchedule, DDIMSchedule, FlowMatchEulerSchedule,
                               SUPPORTED_CLASSES, UniPCSchedule, load_scheduler,
-                              make_flow_match_schedule, make_unipc_schedule, sample,
+                              make_flow_match_schedule, make_schedule, make_unipc_schedule, sample,
                               sample_trajectory)
 from s2q_jax.sampling import cogvideox_dpm, sample_keys, scheduler_config
 
@@ -407,3 +408,29 @@ def test_bad_sources_and_arguments_are_refused(tmp_path):
   with pytest.raises(ValueError, match="pass a PRNG key"):
     sample(_toy_denoiser(jnp), jnp.zeros((1, 2)), jnp.zeros((1, 1, 1)), jnp.zeros((1, 1, 1)),
            schedule)
+
+
+def test_job_scheduler_is_the_folders_or_a_named_class_on_its_config(tmp_path):
+  # No folder config: CogVideoX-2B's DDIM, the schedule the job always used.
+  default = scheduler_config.scheduler_for("", None, 7)
+  expected = make_schedule(7)
+  np.testing.assert_array_equal(default.timesteps, expected.timesteps)
+  np.testing.assert_array_equal(default.alphas_cumprod, expected.alphas_cumprod)
+  np.testing.assert_array_equal(default.timesteps, _reference(scheduler_config.COGVIDEOX_2B_CONFIG,
+                                                              7).timesteps.numpy())
+  # A pipeline folder's scheduler/scheduler_config.json is read.
+  (tmp_path / "scheduler").mkdir()
+  (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(COGVIDEOX_5B))
+  assert isinstance(scheduler_config.scheduler_for("", str(tmp_path), 5), CogVideoXDPMSchedule)
+  # A class name swaps the class and keeps the folder's options, as diffusers' from_config.
+  swapped = scheduler_config.scheduler_for("CogVideoXDDIMScheduler", str(tmp_path), 5)
+  ref = diffusers.CogVideoXDDIMScheduler.from_config(COGVIDEOX_5B)
+  ref.set_timesteps(5)
+  assert isinstance(swapped, DDIMSchedule)
+  np.testing.assert_array_equal(swapped.timesteps, ref.timesteps.numpy())
+  np.testing.assert_allclose(swapped.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown scheduler 'ddpm'.*CogVideoXDPMScheduler"):
+    scheduler_config.scheduler_for("ddpm", str(tmp_path), 5)
+  # A class the folder's options do not fit is refused, naming the option.
+  with pytest.raises(ValueError, match="UniPCMultistepScheduler: use_flow_sigmas=False is not"):
+    scheduler_config.scheduler_for("UniPCMultistepScheduler", str(tmp_path), 5)
