@@ -131,6 +131,13 @@ def resolve(cfg: ConfigDict) -> tuple[ConfigDict, Pipeline | None]:
   pipe = open_pipeline(cfg.model.path) if is_pipeline(cfg.model.path) else None
   resolved = cfg.copy_and_resolve_references()
   if pipe is None:
+    for setting in ("eval.prompts", "calib.prompts"):
+      section, key = setting.split(".")
+      if cfg[section][key]:
+        where = f"model.path={cfg.model.path!r}" if cfg.model.path else "the embedded model"
+        raise UserError(f"{setting} needs a pipeline folder (one with {MODEL_INDEX} and a text "
+                        f"encoder), but {where} has none: pass the pipeline folder as "
+                        "--config.model.path, or leave the prompts unset")
     defaults = dict(TRANSFORMER_DEFAULTS)
   else:
     frames, height, width = pipe.default_video_size()
@@ -142,4 +149,5 @@ def resolve(cfg: ConfigDict) -> tuple[ConfigDict, Pipeline | None]:
                          ("sampler", "guidance_scale")):
       if resolved[section][key] is None:
         resolved[section][key] = defaults[key]
+    resolved.sampler.guidance_scale = float(resolved.sampler.guidance_scale)
   return resolved, pipe
