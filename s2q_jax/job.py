@@ -170,6 +170,10 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
     model, folder, model_name = load_model(cfg)
     prompt_sets = _prompt_sets(cfg, pipe)
     if pipe is None:
+      if not conditions_lib.has_conditions(folder):
+        print("note: without a pipeline folder there is no text encoder, so the videos are "
+              "conditioned on random stand-in prompts; for real prompts pass the pipeline folder "
+              "(the one with model_index.json) as --config.model.path", flush=True)
       noise, cond, uncond, names = eval_inputs(cfg, model, folder)
     else:  # the prompts are embedded below, once the workdir that caches them exists
       pipe.latent_size(cfg.eval.frames, cfg.eval.height, cfg.eval.width)
@@ -183,8 +187,7 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
     except ValueError as e:
       raise UserError(f"sampler.scheduler: {e}") from None
     # Only now, with the inputs known good, does the workdir come into being.
-    run_fingerprint = {**fingerprint.of_run(cfg, folder),
-                       **{f"{name} prompts": p for name, p in prompt_sets.items()}}
+    run_fingerprint = _fingerprint(cfg, folder, prompt_sets)
     workdir = os.path.abspath(cfg.workdir)
     multihost.on_writer(lambda: workdir_lib.open_workdir(workdir, run_fingerprint))
   prompts = {}
@@ -336,9 +339,9 @@ def _fp_videos(cfg: ConfigDict, model, folder: str, noise, cond, uncond, gen: di
   return videos
 
 
-def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str, scheduler,
-                      prompts: pipeline_lib.Conditions | None,
-                      pipe: pipeline_lib.Pipeline | None) -> pool_lib.Pool:
+def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str, scheduler=None,
+                      prompts: pipeline_lib.Conditions | None = None,
+                      pipe: pipeline_lib.Pipeline | None = None) -> pool_lib.Pool:
   """The FP sampler's trajectories on calibration prompts, cached in the workdir."""
   path = os.path.expanduser(cfg.calib.pool_path) or os.path.join(workdir, "pool.npz")
   # What the pool depends on: the selection and training keys are not among them, so
@@ -383,13 +386,22 @@ def _bf16_file_bytes(model, workdir: str) -> int:
   return size
 
 
+def run_fingerprint(cfg: ConfigDict) -> dict[str, Any]:
+  """The fingerprint a run of `cfg` stores in its workdir and report (see `fingerprint`)."""
+  cfg, pipe = pipeline_lib.resolve(cfg)
+  folder = pipe.root if pipe else cfg.model.path or embedded.path()
+  return _fingerprint(cfg, folder, _prompt_sets(cfg, pipe))
+
+
+def _fingerprint(cfg: ConfigDict, folder: str, prompt_sets: dict[str, list[str]]) -> dict:
+  """Resolved settings, model (or whole pipeline) files, code, and the prompts themselves."""
+  return {**fingerprint.of_run(cfg, folder),
+          **{f"{name} prompts": prompts for name, prompts in prompt_sets.items()}}
+
+
 def _prompt_sets(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, list[str]]:
   """{'eval': prompts[, 'calib': prompts]} read from the prompt files; {} without a pipeline."""
   if pipe is None:
-    if not conditions_lib.has_conditions(cfg.model.path or embedded.path()):
-      print("note: no text encoder without a pipeline folder, so the videos are conditioned on "
-            "random stand-in prompts; for real prompts pass the pipeline folder (the one with "
-            "model_index.json) as --config.model.path")
     return {}
   sets = {"eval": pipeline_lib.read_prompts(
       cfg.eval.prompts or pipeline_lib.default_prompt_file("eval"), cfg.eval.num_videos,
