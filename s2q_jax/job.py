@@ -243,16 +243,11 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
       finite.check_metrics(scores)
       videos, mp4s = [], []
       for i, name in enumerate(names):
-        stem = os.path.join(workdir, "videos", f"{i:02d}_{_slug(name)}")
-        if pipe is None:
-          outputs.write_with(stem + ".gif", lambda tmp, i=i: gif.save_side_by_side(
-              tmp, [fp[i], q[i]], scale=cfg.eval.gif_scale))
-          videos.append(stem + ".gif")
-        else:
-          gif_path, *mp4 = pipeline_lib.write_side_by_side(stem, [fp[i], q[i]],
-                                                           scale=cfg.eval.gif_scale)
-          videos.append(gif_path)
-          mp4s += mp4
+        gif_path, *mp4 = pipeline_lib.write_side_by_side(
+            os.path.join(workdir, "videos", f"{i:02d}_{_slug(name)}"), [fp[i], q[i]],
+            scale=cfg.eval.gif_scale, fps=pipeline_lib.FPS if pipe else gif.DEFAULT_FPS)
+        videos.append(gif_path)
+        mp4s += mp4
     report = {
         "method": cfg.method, "w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits,
         "model": model_name, "metrics": scores,
@@ -400,17 +395,7 @@ def _fingerprint(cfg: ConfigDict, folder: str, prompt_sets: dict[str, list[str]]
 
 
 def _prompt_sets(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, list[str]]:
-  """{'eval': prompts[, 'calib': prompts]} read from the prompt files; {} without a pipeline."""
-  if pipe is None:
-    return {}
-  sets = {"eval": pipeline_lib.read_prompts(
-      cfg.eval.prompts or pipeline_lib.default_prompt_file("eval"), cfg.eval.num_videos,
-      "eval.prompts", "eval.num_videos")}
-  if CALIBRATORS[cfg.method]:
-    sets["calib"] = pipeline_lib.read_prompts(
-        cfg.calib.prompts or pipeline_lib.default_prompt_file("calibration"),
-        cfg.calib.num_prompts, "calib.prompts", "calib.num_prompts")
-  return sets
+  return {} if pipe is None else pipeline_lib.prompt_sets(cfg, bool(CALIBRATORS[cfg.method]))
 
 
 def _digest(*arrays: np.ndarray) -> str:

@@ -206,7 +206,7 @@ def _drop_index_entry(name):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (_drop_index_entry("vae"), "lists no 'vae' component (needed for decoding videos"),
+    (_drop_index_entry("vae"), r"lists no 'vae' component \(needed for decoding videos"),
     (lambda f: shutil.rmtree(f / "text_encoder"), "has no text_encoder/ folder although"),
     (lambda f: (f / "model_index.json").write_text('{"_class_name": "WanPipeline"}'),
      "pipeline class 'WanPipeline' is not supported"),
@@ -246,3 +246,20 @@ def test_sizes_the_vae_cannot_make_and_prompts_without_a_pipeline(pipeline_dir, 
   with pytest.raises(UserError, match="sampler.scheduler: unknown scheduler 'euler'"):
     job.run(_config(folder, tmp_path / "w", **{"sampler.scheduler": "euler"}))
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_side_by_side_files_gif_always_mp4_when_ffmpeg_is_there(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  videos = [np.clip(rng.standard_normal((5, 3, 7, 9)), -1, 1) for _ in range(2)]  # odd sizes
+  monkeypatch.setattr(pipeline.videos, "mp4_available", lambda: False)
+  assert pipeline.write_side_by_side(str(tmp_path / "a"), videos, scale=1) == [
+      str(tmp_path / "a.gif")]
+  monkeypatch.undo()
+  imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+  gif_path, mp4_path = pipeline.write_side_by_side(str(tmp_path / "b"), videos, scale=1)
+  reader = imageio_ffmpeg.read_frames(mp4_path)
+  meta = reader.__next__()
+  frames = list(reader)
+  # 2 panels of 9 px and a 2 px gap: 20 × 7, padded to an even 20 × 8 for yuv420p.
+  assert tuple(meta["size"]) == (20, 8) and len(frames) == 5
+  assert os.path.getsize(gif_path) > 0 and not list(tmp_path.glob("*partial*"))

@@ -56,6 +56,16 @@ def read_prompts(path: str, count: int, setting: str, count_setting: str) -> lis
   return prompts[:count]
 
 
+def prompt_sets(cfg, calibrating: bool) -> dict[str, list[str]]:
+  """{'eval': prompts[, 'calib': prompts]} from the config's prompt files (or the shipped ones)."""
+  sets = {"eval": read_prompts(cfg.eval.prompts or default_prompt_file("eval"),
+                               cfg.eval.num_videos, "eval.prompts", "eval.num_videos")}
+  if calibrating:
+    sets["calib"] = read_prompts(cfg.calib.prompts or default_prompt_file("calibration"),
+                                 cfg.calib.num_prompts, "calib.prompts", "calib.num_prompts")
+  return sets
+
+
 class Conditions(NamedTuple):
   """Embeddings (N, L, D) of N prompts, the null prompt's (L, D), and the prompts."""
   embeddings: np.ndarray
