@@ -162,10 +162,12 @@ def test_prompt_embeddings_are_the_pipelines_and_cached(pipeline_dir, tmp_path, 
 
 def test_s2q_runs_on_the_pipeline(pipeline_dir, tmp_path):
   folder, _ = pipeline_dir
+  # The calibration prompts' pool and the salient selection run; training is covered by
+  # test_s2q.py, and left out here to keep the test short.
   report = job.run(_config(folder, tmp_path / "w", "s2q", **{
       "eval.frames": 5, "eval.height": 8, "eval.width": 8, "sampler.guidance_scale": 3.0,
-      "sampler.scheduler": "CogVideoXDPMScheduler"}))
-  assert report["calibration"] is not None
+      "sampler.scheduler": "CogVideoXDPMScheduler", "distill.enabled": False}))
+  assert sum(report["calibration"]["selection"]["step_histogram"]) == 2
   assert report["eval"]["video_shape"] == [8, 3, 8, 8]  # 2 latent frames decode to 8
   assert report["eval"]["guidance_scale"] == 3.0 and report["eval"]["scheduler"] == (
       "CogVideoXDPMSchedule")
