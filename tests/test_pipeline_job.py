@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
@@ -56,8 +55,8 @@ def pipeline_dir(tmp_path_factory):
   spm_dir = tmp_path_factory.mktemp("spiece")
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter((PROMPTS + TRAINING_TEXT) * 20), model_writer=model, vocab_size=48, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
-      bos_id=-1, minloglevel=2)
+      sentence_iterator=iter((PROMPTS + TRAINING_TEXT) * 20), model_writer=model, vocab_size=48,
+      model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
   (spm_dir / "spiece.model").write_bytes(model.getvalue())
   blocks = len(VAE["block_out_channels"])
   pipe = diffusers.CogVideoXPipeline(

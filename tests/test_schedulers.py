@@ -147,7 +147,8 @@ def test_cogvideox_dpm_noise_is_the_keys_and_always_added(monkeypatch):
   state = ours.init_state(x, jax.random.key(0))
   a = ours.step(state, x, 3, x)[0]
   np.testing.assert_array_equal(a, ours.step(state, x, 3, x)[0])  # same key and step: same
-  assert not np.allclose(a, ours.step(state._replace(keys=state.keys.at[0].set(jax.random.key(1))), x, 3, x)[0])
+  other_key = state._replace(keys=state.keys.at[0].set(jax.random.key(1)))
+  assert not np.allclose(a, ours.step(other_key, x, 3, x)[0])
   assert not np.allclose(a, ours.step(state, x, 4, x)[0])
   # The last step has no noise: it lands on x̂₀.
   last, _, x0 = ours.step(state, x, 9, x)

@@ -56,7 +56,8 @@ class Pipeline:
   def default_video_size(self) -> tuple[int, int, int]:
     """(frames, height, width) in pixels: the transformer's sample size, decoded."""
     t = self.transformer_config
-    return t.sample_frames, t.sample_height * self.spatial_scale, t.sample_width * self.spatial_scale
+    s = self.spatial_scale
+    return t.sample_frames, t.sample_height * s, t.sample_width * s
 
   def latent_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
     """The latent (frames, height, width) a video of this pixel size is generated at.

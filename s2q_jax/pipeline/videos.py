@@ -6,7 +6,6 @@ band a real model's 480×720 frames.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Sequence
 
 import numpy as np

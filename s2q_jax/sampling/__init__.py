@@ -13,5 +13,5 @@ __all__ = ["CogVideoXDPMSchedule", "DDIMSchedule", "Denoiser", "FlowMatchEulerSc
            "SUPPORTED_CLASSES", "Scheduler", "Trajectory", "UniPCSchedule", "add_noise",
            "ddim_step", "guided", "initial_noise", "load_scheduler", "make_dpm_schedule",
            "make_flow_match_schedule", "make_schedule", "make_unipc_schedule", "predicted_x0",
-           "read_scheduler_config", "sample", "sample_keys", "sample_trajectory", "train_alphas_cumprod",
-           "v_target"]
+           "read_scheduler_config", "sample", "sample_keys", "sample_trajectory",
+           "train_alphas_cumprod", "v_target"]
