@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from s2q_jax import embedded, fingerprint, job, outputs
+from s2q_jax import fingerprint, job, outputs
 from s2q_jax import workdir as workdir_lib
 from s2q_jax.errors import UserError, show_warning
 from s2q_jax.job_config import base_config
@@ -67,7 +67,7 @@ def run_grid(workdir: str, bits_list: Sequence[str], variants: dict[str, tuple[s
         if configure:
           configure(cfg)
         label = f"seed {seed} {bits} {name}"
-        stale = _stale(folder, fingerprint.of_run(cfg, cfg.model.path or embedded.path()))
+        stale = _stale(folder, job.run_fingerprint(cfg))
         if os.path.exists(report_path) and not stale:
           print(f"=== {label}: done before, reusing {report_path}", flush=True)
         else:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from s2q_jax.sampling import Scheduler, make_schedule, sample, sample_trajectory
+from s2q_jax.sampling import Scheduler, make_schedule, sample, sample_keys, sample_trajectory
 
 
 def _scheduler(num_steps: int, scheduler: Scheduler | None) -> Scheduler:
@@ -27,7 +27,8 @@ def sampler(model: nnx.Module, uncond: np.ndarray, *, num_steps: int, guidance_s
   """A jitted `f(noise, cond, key=None)` sampling with `model` (see `sampling.sample`).
 
   `scheduler` defaults to CogVideoX-2B's DDIM. `key` seeds a stochastic
-  scheduler's step noise. With `return_trajectory`, f returns
+  scheduler's step noise: one key (sample b uses fold_in(key, b)) or one per
+  sample. With `return_trajectory`, f returns
   (x_0, `sampling.Trajectory`).
   """
   graphdef, state = nnx.split(model)
@@ -56,15 +57,16 @@ def generate(model: nnx.Module, noise: np.ndarray, cond: np.ndarray, uncond: np.
   `uncond` (L, D) is the null condition for classifier-free guidance. The
   same noise, conditions and `key` give the same videos for any model, so
   full precision and quantized outputs compare pixel by pixel. `key` is
-  needed by stochastic schedulers only; the batch starting at video i uses
-  fold_in(key, i), so keep `batch_size` fixed between runs to compare.
+  needed by stochastic schedulers only: one key, video i drawing its step
+  noise from fold_in(key, i) whatever `batch_size`, or (N,) keys, one per video.
   """
   run = sampler(model, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
                 scheduler=scheduler)
+  keys = None if key is None else sample_keys(key, len(noise))
   out, start = [], time.perf_counter()
   for i in range(0, len(noise), batch_size):
-    batch_key = None if key is None else jax.random.fold_in(key, i)
-    out.append(np.asarray(run(noise[i:i + batch_size], cond[i:i + batch_size], batch_key),
+    batch_keys = None if keys is None else keys[i:i + batch_size]
+    out.append(np.asarray(run(noise[i:i + batch_size], cond[i:i + batch_size], batch_keys),
                           np.float32))
     if log:
       done = min(i + batch_size, len(noise))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from conversion.flax_to_diffusers import save_diffusers
 from conversion.output_dir import atomic_output_dir
 from s2q_jax import conditions as conditions_lib
 from s2q_jax import deploy, embedded, finite, fingerprint, multihost, outputs, quant
+from s2q_jax import pipeline as pipeline_lib
 from s2q_jax import workdir as workdir_lib
 from s2q_jax.data import gif
 from s2q_jax.errors import UserError
@@ -28,6 +30,8 @@ from s2q_jax.generation import generate
 from s2q_jax.methods import CALIBRATORS, METHODS
 from pallas_kernels import BACKENDS
 from s2q_jax.models import CogVideoXTransformer3D, UnsupportedConfigError, load_pretrained
+from s2q_jax.sampling import sample_keys
+from s2q_jax.sampling.scheduler_config import scheduler_for
 
 
 def validate(cfg: ConfigDict) -> None:
@@ -67,7 +71,7 @@ def validate_devices(cfg: ConfigDict) -> None:
 
 def load_model(cfg: ConfigDict):
   """(model, folder, display name) for config.model.path (empty: the embedded model)."""
-  folder = cfg.model.path or embedded.path()
+  folder = pipeline_lib.transformer_folder(cfg.model.path) if cfg.model.path else embedded.path()
   name = os.path.basename(os.path.normpath(cfg.model.path)) if cfg.model.path else embedded.NAME
   try:
     model = load_pretrained(folder, cfg.model.dtype)
@@ -82,11 +86,22 @@ def load_model(cfg: ConfigDict):
   return model, folder, name
 
 
-def eval_inputs(cfg: ConfigDict, model, folder: str):
-  """Noise, conditions, null condition and names of the evaluation videos."""
+def eval_inputs(cfg: ConfigDict, model, folder: str,
+                prompts: pipeline_lib.Conditions | None = None,
+                pipe: pipeline_lib.Pipeline | None = None):
+  """Noise, conditions, null condition and names of the evaluation videos.
+
+  With a pipeline, `prompts` are the embedded prompts and eval.frames/height/
+  width the decoded size; otherwise the latent size.
+  """
   n = cfg.eval.num_videos
   mc = model.config
-  if conditions_lib.has_conditions(folder):
+  size = (cfg.eval.frames, cfg.eval.height, cfg.eval.width)
+  if pipe is not None:
+    size = pipe.latent_size(*size)
+  if prompts is not None:
+    cond, uncond, names = prompts.embeddings[:n], prompts.null, prompts.prompts[:n]
+  elif conditions_lib.has_conditions(folder):
     try:
       table, names = conditions_lib.load_conditions(folder)
     except CheckpointError as e:
@@ -97,7 +112,7 @@ def eval_inputs(cfg: ConfigDict, model, folder: str):
     rng = np.random.default_rng(cfg.seed)
     cond = rng.standard_normal((n, mc.max_text_seq_length, mc.text_embed_dim), np.float32)
     uncond, names = np.zeros_like(cond[0]), [f"random-{i}" for i in range(n)]
-  shape = (n, cfg.eval.frames, mc.in_channels, cfg.eval.height, cfg.eval.width)
+  shape = (n, size[0], mc.in_channels, size[1], size[2])
   noise = np.asarray(jax.random.normal(jax.random.key(cfg.seed), shape), np.float32)
   return noise, cond, uncond, names
 
@@ -130,6 +145,7 @@ def run(cfg: ConfigDict) -> dict[str, Any] | None:
   In a multi-process run every process runs this; process 0 alone logs and writes
   (see `multihost`).
   """
+  cfg, pipe = pipeline_lib.resolve(cfg)  # unset sizes, steps, guidance: the pipeline's
   validate(cfg)
   multihost.initialize(cfg.mesh)  # before anything touches a device
   validate_devices(cfg)
@@ -138,30 +154,52 @@ def run(cfg: ConfigDict) -> dict[str, Any] | None:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   if multihost.is_writer():
-    return _run(cfg)
+    return _run(cfg, pipe)
   print(f"process {jax.process_index()} of {jax.process_count()}: process 0 logs and writes "
         "the workdir", flush=True)
   with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-    _run(cfg)
+    _run(cfg, pipe)
   return None
 
 
-def _run(cfg: ConfigDict) -> dict[str, Any] | None:
+def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] | None:
   # Fails fast, but creates nothing yet.
   multihost.on_writer(lambda: workdir_lib.probe_writable(cfg.workdir))
   stage = _Stages()
   with stage("load", "loading model"):
     model, folder, model_name = load_model(cfg)
-    noise, cond, uncond, names = eval_inputs(cfg, model, folder)
+    prompt_sets = _prompt_sets(cfg, pipe)
+    if pipe is None:
+      if not conditions_lib.has_conditions(folder):
+        print("note: without a pipeline folder there is no text encoder, so the videos are "
+              "conditioned on random stand-in prompts; for real prompts pass the pipeline folder "
+              "(the one with model_index.json) as --config.model.path", flush=True)
+      noise, cond, uncond, names = eval_inputs(cfg, model, folder)
+    else:  # the prompts are embedded below, once the workdir that caches them exists
+      pipe.latent_size(cfg.eval.frames, cfg.eval.height, cfg.eval.width)
+      folder = pipe.root  # its digest covers the text encoder, VAE and scheduler as well
     try:
       rules = quant.rules_from_config(cfg.quant)
     except ValueError as e:
       raise UserError(f"quant config: {e}") from None
+    try:
+      scheduler = scheduler_for(cfg.sampler.scheduler, folder, cfg.sampler.num_steps)
+    except ValueError as e:
+      raise UserError(f"sampler.scheduler: {e}") from None
     # Only now, with the inputs known good, does the workdir come into being.
-    run_fingerprint = fingerprint.of_run(cfg, folder)
+    run_fingerprint = _fingerprint(cfg, folder, prompt_sets)
     workdir = os.path.abspath(cfg.workdir)
     multihost.on_writer(lambda: workdir_lib.open_workdir(workdir, run_fingerprint))
-  gen = dict(num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale)
+  prompts = {}
+  if pipe is not None:
+    with stage("prompts", f"embedding {sum(map(len, prompt_sets.values()))} prompts"):
+      prompts = pipeline_lib.embed(
+          pipe, prompt_sets, max_length=model.config.max_text_seq_length,
+          dtype=cfg.model.dtype, cache_path=os.path.join(workdir, pipeline_lib.CACHE_NAME))
+    noise, cond, uncond, names = eval_inputs(cfg, model, folder, prompts["eval"], pipe)
+  # The per-step noise of a stochastic scheduler: video i draws from fold_in(key, i).
+  gen = dict(num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
+             scheduler=scheduler, key=jax.random.fold_in(jax.random.key(cfg.seed), 1))
   with stage("fp_generation", f"generating {len(noise)} full-precision videos"):
     fp_videos = _fp_videos(cfg, model, folder, noise, cond, uncond, gen)
   fp_bytes = multihost.on_writer(lambda: _bf16_file_bytes(model, workdir))
@@ -175,7 +213,8 @@ def _run(cfg: ConfigDict) -> dict[str, Any] | None:
   if calibrator:
     with stage("pool", f"building the calibration pool ({cfg.calib.num_prompts} prompts × "
                f"{cfg.sampler.num_steps} steps)"):
-      pool = _calibration_pool(cfg, fp_model, folder, workdir)
+      pool = _calibration_pool(cfg, fp_model, folder, workdir, scheduler, prompts.get("calib"),
+                               pipe)
     with stage("calibration", f"calibrating ({cfg.method})"):
       mesh = jax.make_mesh((jax.device_count(),), ("data",))
       try:
@@ -197,14 +236,18 @@ def _run(cfg: ConfigDict) -> dict[str, Any] | None:
 
   def finish() -> dict[str, Any]:
     with stage("evaluation", "evaluating and writing videos"):
-      scores = metrics.summarize(fp_videos, q_videos)
+      fp, q = fp_videos, q_videos
+      if pipe is not None:  # metrics and files on pixels
+        fp, q = pipeline_lib.decode(pipe, [fp_videos, q_videos], cfg.model.dtype)
+      scores = metrics.summarize(fp, q)
       finite.check_metrics(scores)
-      videos = []
-      for i, (fp, q, name) in enumerate(zip(fp_videos, q_videos, names)):
-        path = os.path.join(workdir, "videos", f"{i:02d}_{_slug(name)}.gif")
-        outputs.write_with(path, lambda tmp, fp=fp, q=q: gif.save_side_by_side(
-            tmp, [fp, q], scale=cfg.eval.gif_scale))
-        videos.append(path)
+      videos, mp4s = [], []
+      for i, name in enumerate(names):
+        gif_path, *mp4 = pipeline_lib.write_side_by_side(
+            os.path.join(workdir, "videos", f"{i:02d}_{_slug(name)}"), [fp[i], q[i]],
+            scale=cfg.eval.gif_scale, fps=pipeline_lib.FPS if pipe else gif.DEFAULT_FPS)
+        videos.append(gif_path)
+        mp4s += mp4
     report = {
         "method": cfg.method, "w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits,
         "model": model_name, "metrics": scores,
@@ -217,8 +260,9 @@ def _run(cfg: ConfigDict) -> dict[str, Any] | None:
                    "full_precision": [l.path for l in layers if not l.quantized]},
         "eval": {"num_videos": len(noise), "num_steps": cfg.sampler.num_steps,
                  "guidance_scale": cfg.sampler.guidance_scale, "seed": cfg.seed,
-                 "conditions": names},
-        "videos": videos,
+                 "scheduler": type(scheduler).__name__, "conditions": names,
+                 "video_shape": list(fp.shape[1:]), "pixels": pipe is not None},
+        "videos": videos, **({"mp4": mp4s} if mp4s else {}),
         "calibration": calibration,
         "fingerprint": run_fingerprint,  # `compare` reruns a finished run whose settings differ
     }
@@ -231,12 +275,13 @@ def _run(cfg: ConfigDict) -> dict[str, Any] | None:
   return multihost.on_writer(finish)
 
 
-def _generate(model, noise: np.ndarray, cond: np.ndarray, uncond: np.ndarray,
+def _generate(model, noise: np.ndarray, cond: np.ndarray, uncond: np.ndarray, key=None,
               **kwargs) -> np.ndarray:
   """All the videos, on every process; with several processes each generates its share."""
   lo, hi = multihost.share_of(len(noise))
+  keys = None if key is None else sample_keys(key, len(noise))[lo:hi]
   if hi > lo:
-    part = generate(model, noise[lo:hi], cond[lo:hi], uncond, **kwargs)
+    part = generate(model, noise[lo:hi], cond[lo:hi], uncond, key=keys, **kwargs)
   else:
     part = np.zeros((0,) + noise.shape[1:], np.float32)
   return multihost.gather(part, len(noise))
@@ -276,7 +321,8 @@ def _cache_key(cfg: ConfigDict, folder: str, prefixes: tuple[str, ...], **extra)
 def _fp_videos(cfg: ConfigDict, model, folder: str, noise, cond, uncond, gen: dict):
   """The full-precision videos, from `eval.fp_videos_path` when it holds these very ones."""
   path = os.path.expanduser(cfg.eval.fp_videos_path)
-  key = _cache_key(cfg, folder, ("seed", "model.", "sampler."), shape=list(noise.shape))
+  key = _cache_key(cfg, folder, ("seed", "model.", "sampler."), shape=list(noise.shape),
+                   conditions=_digest(cond, uncond))
   cached = multihost.on_writer(lambda: outputs.load_npz(path, key))
   if multihost.share_json(cached is not None):
     return None if cached is None else cached["videos"]  # only process 0 evaluates
@@ -288,22 +334,26 @@ def _fp_videos(cfg: ConfigDict, model, folder: str, noise, cond, uncond, gen: di
   return videos
 
 
-def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str) -> pool_lib.Pool:
+def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str, scheduler=None,
+                      prompts: pipeline_lib.Conditions | None = None,
+                      pipe: pipeline_lib.Pipeline | None = None) -> pool_lib.Pool:
   """The FP sampler's trajectories on calibration prompts, cached in the workdir."""
   path = os.path.expanduser(cfg.calib.pool_path) or os.path.join(workdir, "pool.npz")
   # What the pool depends on: the selection and training keys are not among them, so
   # methods and ablations that differ only there share one pool (code changes count).
   key = _cache_key(cfg, folder, ("seed", "model.", "sampler.", "calib.num_prompts",
-                                 "eval.frames", "eval.height", "eval.width"))
+                                 "eval.frames", "eval.height", "eval.width"),
+                   **({} if prompts is None else {"prompts": prompts.prompts}))
   cached = multihost.share_arrays(multihost.on_writer(lambda: outputs.load_npz(path, key)))
   if cached is not None:
     return pool_lib.Pool(**cached)
   calib = cfg.copy_and_resolve_references()
   calib.eval.num_videos = cfg.calib.num_prompts
   calib.seed = cfg.seed + 1  # calibration noise differs from evaluation noise
-  noise, cond, uncond, _ = eval_inputs(calib, fp_model, folder)
+  noise, cond, uncond, _ = eval_inputs(calib, fp_model, folder, prompts, pipe)
   pool = pool_lib.build_pool(fp_model, cond, uncond, noise, num_steps=cfg.sampler.num_steps,
-                             guidance_scale=cfg.sampler.guidance_scale)
+                             guidance_scale=cfg.sampler.guidance_scale, scheduler=scheduler,
+                             key=jax.random.fold_in(jax.random.key(calib.seed), 1))
   finite.check_arrays("calibration pool (full-precision sampler)",
                       {f.name: getattr(pool, f.name) for f in dataclasses.fields(pool)},
                       "the model's activations overflow; try --config.model.dtype=float32")
@@ -329,6 +379,30 @@ def _bf16_file_bytes(model, workdir: str) -> int:
              if f.endswith(".safetensors"))
   shutil.rmtree(folder)
   return size
+
+
+def run_fingerprint(cfg: ConfigDict) -> dict[str, Any]:
+  """The fingerprint a run of `cfg` stores in its workdir and report (see `fingerprint`)."""
+  cfg, pipe = pipeline_lib.resolve(cfg)
+  folder = pipe.root if pipe else cfg.model.path or embedded.path()
+  return _fingerprint(cfg, folder, _prompt_sets(cfg, pipe))
+
+
+def _fingerprint(cfg: ConfigDict, folder: str, prompt_sets: dict[str, list[str]]) -> dict:
+  """Resolved settings, model (or whole pipeline) files, code, and the prompts themselves."""
+  return {**fingerprint.of_run(cfg, folder),
+          **{f"{name} prompts": prompts for name, prompts in prompt_sets.items()}}
+
+
+def _prompt_sets(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, list[str]]:
+  return {} if pipe is None else pipeline_lib.prompt_sets(cfg, bool(CALIBRATORS[cfg.method]))
+
+
+def _digest(*arrays: np.ndarray) -> str:
+  h = hashlib.sha256()
+  for a in arrays:
+    h.update(np.ascontiguousarray(a, np.float32).tobytes())
+  return h.hexdigest()[:16]
 
 
 def _slug(name: str) -> str:

@@ -18,7 +18,9 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.compilation_cache = "~/.cache/s2q_jax/xla"  # '' to disable JAX's persistent compile cache
 
   c.model = ml_collections.ConfigDict()
-  c.model.path = ""  # empty: the embedded model; else a diffusers CogVideoX folder or converted one
+  # empty: the embedded model; a diffusers CogVideoX pipeline folder (model_index.json: real
+  # prompts, videos decoded to pixels); or a transformer folder alone (diffusers or converted).
+  c.model.path = ""
   c.model.dtype = "float32"
 
   c.quant = ml_collections.ConfigDict()
@@ -43,6 +45,9 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.calib.diffusion_salience = "latent"  # latent: ‖x_t − x_{t−1}‖²/‖x_t‖² | x0: change of x̂₀
   c.calib.salience = "input"  # input: ‖x_tᵀx_t‖₂ of the latent | layer: Σ over quantized layers
   c.calib.pool_path = ""  # where the candidate pool is cached ('' = <workdir>/pool.npz)
+  # Calibration prompts, one per line (pipeline folders only; '' = the shipped
+  # s2q_jax/assets/prompts/calibration.txt); the first calib.num_prompts are used.
+  c.calib.prompts = ""
 
   # Several processes (hosts of a TPU pod or GPU cluster; CPU processes in tests), each
   # running this same command: their devices form one mesh; process 0 alone writes.
@@ -86,8 +91,12 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.qvd.scri_beta = 0.5  # how far channel widths are pulled to the median (0: not at all)
 
   c.sampler = ml_collections.ConfigDict()
-  c.sampler.num_steps = 25
-  c.sampler.guidance_scale = 5.0
+  # Unset (None): a pipeline's own (CogVideoXPipeline: 50 steps, guidance 6), else 25 and 5.
+  c.sampler.num_steps = ml_collections.config_dict.placeholder(int)
+  c.sampler.guidance_scale = ml_collections.config_dict.placeholder(float)
+  # '': the model folder's scheduler_config.json when it has one, else CogVideoX-2B's DDIM;
+  # or a diffusers class (e.g. CogVideoXDPMScheduler) applied to that config.
+  c.sampler.scheduler = ""
 
   c.inference = ml_collections.ConfigDict()
   # '': quantized videos from the frozen in-memory model (the deployed integer arithmetic in
@@ -97,10 +106,14 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_videos = 8
-  # Latent video size for models without stored conditions (the embedded model uses its own).
-  c.eval.frames = 8
-  c.eval.height = 32
-  c.eval.width = 32
-  c.eval.gif_scale = 4
+  # Evaluation prompts, one per line (pipeline folders only; '' = the shipped
+  # s2q_jax/assets/prompts/eval.txt); the first eval.num_videos are used, and fewer is an error.
+  c.eval.prompts = ""
+  # Video size. Pipeline: the decoded video in pixels, unset = the pipeline's (the transformer's
+  # sample size × the VAE's scale: 49 × 480 × 720 for CogVideoX). Otherwise: latents, 8 × 32 × 32.
+  c.eval.frames = ml_collections.config_dict.placeholder(int)
+  c.eval.height = ml_collections.config_dict.placeholder(int)
+  c.eval.width = ml_collections.config_dict.placeholder(int)
+  c.eval.gif_scale = ml_collections.config_dict.placeholder(int)  # unset: 1 for pixels, else 4
   c.eval.fp_videos_path = ""  # cache of the FP videos, shared by runs that compare methods
   return c

@@ -7,7 +7,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from conversion.checkpoint_files import WEIGHTS_NAME
-from s2q_jax import embedded
+from s2q_jax import embedded, pipeline
 from s2q_jax.job_config import base_config
 
 
@@ -24,7 +24,8 @@ def tiny_config(workdir, method: str = "rtn", **flat):
     for p in parents:
       node = node[p]
     node[leaf] = value
-  return cfg
+  # Resolved as the job resolves it, for tests that call the job's parts directly.
+  return pipeline.resolve(cfg)[0]
 
 
 def model_copy(dst, edit_weights: Callable[[dict], None] | None = None) -> str:

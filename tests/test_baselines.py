@@ -36,6 +36,7 @@ def _calibrate(method, workdir):
   quant.quantize_model(q, quant.make_rules(4, 6))
   deploy.round_fp_params(q)
   cfg = base_config(4, 6, method)
+  cfg.sampler.guidance_scale = 2.0  # the pool's; the job fills it in when unset
   cfg.calib.num_samples = 8
   cfg.q_vdit.epochs, cfg.distill.batch_size = 2, 2
   cfg.q_vdit.lr_estimator = 1e-2

@@ -36,6 +36,7 @@ def calibration(tmp_path_factory):
   quant.quantize_model(q, quant.make_rules(4, 6))
   deploy.round_fp_params(q)
   cfg = base_config(4, 6, "s2q")
+  cfg.sampler.guidance_scale = 2.0  # the pool's; the job fills it in when unset
   cfg.calib.num_prompts, cfg.calib.num_samples = 2, 4
   cfg.distill.epochs, cfg.distill.batch_size = 2, 2
 

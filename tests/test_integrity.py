@@ -53,7 +53,7 @@ def test_workdir_without_fingerprint_stops(tmp_path):
 def test_report_is_strict_json_with_its_fingerprint(finished):
   workdir, report = finished
   stored = _strict_load(workdir / "report.json")
-  assert stored["fingerprint"] == fingerprint.of_run(tiny_config(workdir), embedded.path())
+  assert stored["fingerprint"] == job.run_fingerprint(tiny_config(workdir))
   assert stored["fingerprint"]["quant.w_bits"] == 4 and "workdir" not in stored["fingerprint"]
   assert _strict_load(workdir / "fingerprint.json") == stored["fingerprint"]
   assert np.isfinite(report["metrics"]["psnr"])
@@ -168,7 +168,7 @@ def test_compare_reruns_a_finished_run_whose_settings_differ(tmp_path, monkeypat
     ran.append(cfg.workdir)
     os.makedirs(cfg.workdir)
     outputs.write_json(os.path.join(cfg.workdir, "report.json"), {
-        "fingerprint": fingerprint.of_run(cfg, embedded.path()), "metrics": {}})
+        "fingerprint": job.run_fingerprint(cfg), "metrics": {}})
   monkeypatch.setattr(job, "run", fake_run)
   variants = {"rtn": ("rtn", {})}
   compare.run_grid(str(tmp_path), ["w4a6"], variants)

@@ -25,6 +25,7 @@ CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, in_channels=
 
 def _job_config(rotation=False, **calib):
   cfg = base_config(4, 6, "s2q")
+  cfg.sampler.guidance_scale = 2.0  # the pool's; the job fills it in when unset
   cfg.distill.rotation = rotation
   cfg.calib.num_prompts, cfg.calib.num_samples = 2, 4
   cfg.distill.epochs, cfg.distill.batch_size = 2, 2

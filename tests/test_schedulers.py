@@ -5,6 +5,7 @@ the latents after each step, fed the same random model outputs (and, for
 the stochastic CogVideoX DPM solver, the same step noise), in float32.
 """
 import inspect
+import json
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +17,9 @@ from s2q_jax.calibration.pool import build_pool
 from s2q_jax.generation import generate, sampler
 from s2q_jax.sampling import (CogVideoXDPMSchedule, DDIMSchedule, FlowMatchEulerSchedule,
                               SUPPORTED_CLASSES, UniPCSchedule, load_scheduler,
-                              make_flow_match_schedule, make_unipc_schedule, sample,
+                              make_flow_match_schedule, make_schedule, make_unipc_schedule, sample,
                               sample_trajectory)
-from s2q_jax.sampling import cogvideox_dpm, scheduler_config
+from s2q_jax.sampling import cogvideox_dpm, sample_keys, scheduler_config
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -74,7 +75,8 @@ class _StepNoise:
     monkeypatch.setattr(dpm_module, "randn_tensor", self)
 
   def __call__(self, shape, **kwargs):
-    return torch.from_numpy(np.array(cogvideox_dpm.step_noise(self.key, self.step, shape)))
+    keys = cogvideox_dpm.sample_keys(self.key, shape[0])
+    return torch.from_numpy(np.array(cogvideox_dpm.step_noise(keys, self.step, shape)))
 
 
 def _reference_step(ref, out, i, x, x0_before):
@@ -145,7 +147,8 @@ def test_cogvideox_dpm_noise_is_the_keys_and_always_added(monkeypatch):
   state = ours.init_state(x, jax.random.key(0))
   a = ours.step(state, x, 3, x)[0]
   np.testing.assert_array_equal(a, ours.step(state, x, 3, x)[0])  # same key and step: same
-  assert not np.allclose(a, ours.step(state._replace(key=jax.random.key(1)), x, 3, x)[0])
+  other_key = state._replace(keys=state.keys.at[0].set(jax.random.key(1)))
+  assert not np.allclose(a, ours.step(other_key, x, 3, x)[0])
   assert not np.allclose(a, ours.step(state, x, 4, x)[0])
   # The last step has no noise: it lands on x̂₀.
   last, _, x0 = ours.step(state, x, 9, x)
@@ -311,20 +314,25 @@ def test_pool_with_a_flow_scheduler_records_each_steps_prediction():
   assert pool.x0_change[:4].min() > 0  # the last step lands on its x̂₀: no change there
 
 
-def test_generation_with_the_dpm_solver_is_reproducible_from_its_key():
+def test_dpm_videos_depend_on_their_own_key_not_on_batching():
   rng = np.random.default_rng(1)
-  cond = rng.standard_normal((2, 4, 16)).astype(np.float32)
-  noise = rng.standard_normal((2, 2, 3, 4, 4)).astype(np.float32)
+  cond = rng.standard_normal((3, 4, 16)).astype(np.float32)
+  noise = rng.standard_normal((3, 2, 3, 4, 4)).astype(np.float32)
   null = np.zeros((4, 16), np.float32)
   schedule, key = load_scheduler(COGVIDEOX_5B, 3), jax.random.key(0)
-  videos = generate(_ToyModel(), noise, cond, null, num_steps=3, guidance_scale=2.0,
-                    scheduler=schedule, key=key, batch_size=1, log=None)
+  gen = lambda **kw: generate(_ToyModel(), noise, cond, null, num_steps=3,  # noqa: E731
+                              guidance_scale=2.0, scheduler=schedule, log=None, **kw)
+  one_by_one, all_at_once = gen(key=key, batch_size=1), gen(key=key, batch_size=3)
+  np.testing.assert_allclose(one_by_one, all_at_once, rtol=0, atol=1e-6)
+  # Video i draws its step noise from fold_in(key, i) alone, wherever it is sampled.
   run = sampler(_ToyModel(), null, num_steps=3, guidance_scale=2.0, scheduler=schedule)
-  # The batch starting at video i draws its step noise from fold_in(key, i).
-  np.testing.assert_array_equal(videos[1:], run(noise[1:], cond[1:], jax.random.fold_in(key, 1)))
-  assert not np.allclose(videos[1:], run(noise[1:], cond[1:], key))
+  np.testing.assert_allclose(run(noise[2:], cond[2:], jax.random.fold_in(key, 2)[None]),
+                             one_by_one[2:], rtol=0, atol=1e-6)
+  assert not np.allclose(one_by_one, gen(key=jax.random.key(1), batch_size=1))
   with pytest.raises(ValueError, match="PRNG key"):
     run(noise, cond)
+  with pytest.raises(ValueError, match=r"one per sample \(3,\)"):
+    gen(key=sample_keys(key, 2), batch_size=3)
   with pytest.raises(ValueError, match="set to 3 steps"):
     sampler(_ToyModel(), null, num_steps=4, guidance_scale=1.0, scheduler=schedule)
 
@@ -401,3 +409,29 @@ def test_bad_sources_and_arguments_are_refused(tmp_path):
   with pytest.raises(ValueError, match="pass a PRNG key"):
     sample(_toy_denoiser(jnp), jnp.zeros((1, 2)), jnp.zeros((1, 1, 1)), jnp.zeros((1, 1, 1)),
            schedule)
+
+
+def test_job_scheduler_is_the_folders_or_a_named_class_on_its_config(tmp_path):
+  # No folder config: CogVideoX-2B's DDIM, the schedule the job always used.
+  default = scheduler_config.scheduler_for("", None, 7)
+  expected = make_schedule(7)
+  np.testing.assert_array_equal(default.timesteps, expected.timesteps)
+  np.testing.assert_array_equal(default.alphas_cumprod, expected.alphas_cumprod)
+  np.testing.assert_array_equal(default.timesteps, _reference(scheduler_config.COGVIDEOX_2B_CONFIG,
+                                                              7).timesteps.numpy())
+  # A pipeline folder's scheduler/scheduler_config.json is read.
+  (tmp_path / "scheduler").mkdir()
+  (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(COGVIDEOX_5B))
+  assert isinstance(scheduler_config.scheduler_for("", str(tmp_path), 5), CogVideoXDPMSchedule)
+  # A class name swaps the class and keeps the folder's options, as diffusers' from_config.
+  swapped = scheduler_config.scheduler_for("CogVideoXDDIMScheduler", str(tmp_path), 5)
+  ref = diffusers.CogVideoXDDIMScheduler.from_config(COGVIDEOX_5B)
+  ref.set_timesteps(5)
+  assert isinstance(swapped, DDIMSchedule)
+  np.testing.assert_array_equal(swapped.timesteps, ref.timesteps.numpy())
+  np.testing.assert_allclose(swapped.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown scheduler 'ddpm'.*CogVideoXDPMScheduler"):
+    scheduler_config.scheduler_for("ddpm", str(tmp_path), 5)
+  # A class the folder's options do not fit is refused, naming the option.
+  with pytest.raises(ValueError, match="UniPCMultistepScheduler: use_flow_sigmas=False is not"):
+    scheduler_config.scheduler_for("UniPCMultistepScheduler", str(tmp_path), 5)

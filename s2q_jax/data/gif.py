@@ -6,6 +6,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+DEFAULT_FPS = 6
+
 
 def to_uint8(video: np.ndarray) -> np.ndarray:
   """(F, C, H, W) in [-1, 1] → (F, H, W, 3) uint8; one channel is shown as grey."""
@@ -39,7 +41,8 @@ def side_by_side(videos: Sequence[np.ndarray], *, scale: int = 4, gap: int = 2) 
   return np.concatenate(parts, axis=2)
 
 
-def save_gif(path: str, frames: np.ndarray | Sequence[np.ndarray], *, fps: float = 6) -> None:
+def save_gif(path: str, frames: np.ndarray | Sequence[np.ndarray], *,
+             fps: float = DEFAULT_FPS) -> None:
   """Writes (F, H, W, 3) uint8 frames as a looping GIF.
 
   GIF stores frame durations in 10 ms units, so the fps is approximate.
@@ -52,6 +55,6 @@ def save_gif(path: str, frames: np.ndarray | Sequence[np.ndarray], *, fps: float
 
 
 def save_side_by_side(path: str, videos: Sequence[np.ndarray], *, scale: int = 4,
-                      fps: float = 6) -> None:
+                      fps: float = DEFAULT_FPS) -> None:
   """A GIF of (F, C, H, W) videos in [-1, 1] next to each other (see `side_by_side`)."""
   save_gif(path, side_by_side(videos, scale=scale), fps=fps)

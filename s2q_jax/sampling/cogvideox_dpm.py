@@ -16,9 +16,12 @@ need not equal the next step's timestep that λ_before uses.
 Noise: `CogVideoXPipeline` passes eta = 0 and a generator, but this
 scheduler's step never reads eta; the noise term is always added. Sampling
 is therefore a deterministic function of the initial noise and a PRNG key,
-and `init_state` requires one. Step i draws N(0, I) from
-`jax.random.fold_in(key, i)` (`step_noise`), so the same key gives the same
-video for a full-precision and a quantized model. diffusers' `clip_sample`,
+and `init_state` requires one. Each sample has its own key (`sample_keys`:
+sample b of a batch sampled with one key uses fold_in(key, b)) and step i
+draws its N(0, I) from fold_in(sample key, i) (`step_noise`): the same key
+gives the same video for a full-precision and a quantized model, and a
+video does not depend on which batch, or which position in it, it is
+sampled in. diffusers' `clip_sample`,
 `clip_sample_range` and `sample_max_value` have no effect on its step.
 """
 from __future__ import annotations
@@ -35,12 +38,26 @@ from s2q_jax.sampling.ddim import make_schedule
 
 class DPMState(NamedTuple):
   previous_x0: jax.Array  # float32 x̂₀ of the previous step (zeros before the first)
-  key: jax.Array
+  keys: jax.Array  # (B,) one PRNG key per sample
 
 
-def step_noise(key: jax.Array, i: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """The N(0, I) float32 noise step i adds."""
-  return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+def sample_keys(key: jax.Array, batch: int) -> jax.Array:
+  """(batch,) per-sample keys: `key` given per sample already, or fold_in(key, b) for sample b."""
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)  # a raw uint32 `jax.random.PRNGKey`
+  if key.shape == (batch,):
+    return key
+  if key.shape:
+    raise ValueError(f"expected one PRNG key or one per sample ({batch},), got keys of shape "
+                     f"{key.shape}")
+  return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+
+
+def step_noise(keys: jax.Array, i: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """The (B, ...) N(0, I) float32 noise step i adds; sample b's comes from keys[b] alone."""
+  def draw(key):
+    return jax.random.normal(jax.random.fold_in(key, i), shape[1:], jnp.float32)
+  return jax.vmap(draw)(keys)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,7 +77,7 @@ class CogVideoXDPMSchedule:
     if key is None:
       raise ValueError("CogVideoXDPMScheduler adds noise at every step (the pipeline's eta is "
                        "ignored): pass a PRNG key, e.g. key=jax.random.key(0)")
-    return DPMState(jnp.zeros(x.shape, jnp.float32), key)
+    return DPMState(jnp.zeros(x.shape, jnp.float32), sample_keys(key, x.shape[0]))
 
   def step(self, state: DPMState, v: jax.Array, i: jax.Array,
            x: jax.Array) -> tuple[jax.Array, DPMState, jax.Array]:
@@ -69,8 +86,8 @@ class CogVideoXDPMSchedule:
     x32 = x.astype(jnp.float32)
     x0 = sqrt_a * x32 - sqrt_b * v.astype(jnp.float32)
     denoised = d_x0 * x0 - d_before * state.previous_x0
-    x_prev = w_x * x32 - w_d * denoised + w_noise * step_noise(state.key, i, x.shape)
-    return x_prev.astype(x.dtype), DPMState(x0, state.key), x0
+    x_prev = w_x * x32 - w_d * denoised + w_noise * step_noise(state.keys, i, x.shape)
+    return x_prev.astype(x.dtype), DPMState(x0, state.keys), x0
 
 
 def _log_snr(a: np.ndarray) -> np.ndarray:

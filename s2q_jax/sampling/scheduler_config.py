@@ -166,3 +166,36 @@ def load_scheduler(source: str | os.PathLike | Mapping[str, Any], num_steps: int
       raise ValueError(f"{name} takes no explicit sigmas; only the flow-matching schedulers do")
     keywords["sigmas"] = sigmas
   return spec.make(num_steps, **keywords)
+
+
+# THUDM/CogVideoX-2b's scheduler/scheduler_config.json: the job's schedule without one.
+COGVIDEOX_2B_CONFIG = {
+    "_class_name": "CogVideoXDDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "clip_sample_range": 1.0,
+    "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True, "sample_max_value": 1.0, "set_alpha_to_one": True,
+    "snr_shift_scale": 3.0, "steps_offset": 0, "timestep_spacing": "trailing",
+    "trained_betas": None}
+
+
+def scheduler_for(name: str, folder: str | None, num_steps: int) -> Scheduler:
+  """The scheduler a job samples with: `name` ('' or a diffusers class) for a model `folder`.
+
+  '' takes the folder's scheduler_config.json (itself or its scheduler/
+  sub-folder) when present, else CogVideoX-2B's. A class name re-reads that
+  config as this class, as diffusers' `Class.from_config(pipe.scheduler.config)`
+  swaps a pipeline's scheduler: options the class does not know are dropped.
+  """
+  config = COGVIDEOX_2B_CONFIG
+  if folder:
+    try:
+      config = read_scheduler_config(folder)
+    except FileNotFoundError:
+      pass
+  if name:
+    if name not in _SPECS:
+      raise ValueError(f"unknown scheduler {name!r}: use '' (the model's own) or one of "
+                       f"{', '.join(SUPPORTED_CLASSES)}")
+    known = _SPECS[name].defaults
+    config = {**{k: v for k, v in config.items() if k in known}, "_class_name": name}
+  return load_scheduler(config, num_steps)

@@ -1,0 +1,145 @@
+"""Memory plan of the main job on CogVideoX-2B and 5B pipelines, computed from shapes alone.
+
+  python -m s2q_jax.scale_plan            # the README's table (no weights needed)
+  python -m s2q_jax.scale_plan --check    # the CPU calibration benchmarks against it
+
+Rows, in GiB:
+- weights in bf16: the transformer, the T5 v1.1 XXL encoder, the VAE decoder;
+- one calibration sample at `tokens` tokens, float32 as the block loop holds
+  it: the full-precision input and target and the quantized blocks' input
+  (3 × tokens × hidden, on the host for the whole block loop), and the inputs
+  of one block's quantized linears that GPTQ records (on the device while a
+  block is frozen); × `calib.num_samples` for the whole calibration set;
+- the candidate pool: `calib.num_prompts` × steps candidates, each x_t,
+  x_{t−1} (float32 latents) and its condition (float32 T5 embedding);
+- decoding one 49 × 480 × 720 video (`vae_memory`: largest activation, conv
+  cache, output; bf16).
+What the training step itself needs on the device (autodiff residuals, and on
+CPU the materialised attention maps) is not a shape count: `--check` compares
+the held arrays with the measured peaks in benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+
+import jax.numpy as jnp
+from flax import nnx
+
+from s2q_jax.benchmark import PRESETS
+from s2q_jax.models import CogVideoXConfig, CogVideoXVAEConfig, T5Encoder, T5EncoderConfig
+from s2q_jax.models.loading import abstract_model
+from s2q_jax.models.params import param_shapes
+from s2q_jax.models.vae_memory import decode_memory
+from s2q_jax.quant.apply import iter_linears
+
+GIB = 2.0**30
+F32, BF16 = 4, 2
+# google/t5-v1_1-xxl, the text encoder of both CogVideoX pipelines.
+T5_XXL = T5EncoderConfig(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                         num_heads=64, feed_forward_proj="gated-gelu")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "benchmarks", "results")
+
+
+def _num_params(model: nnx.Module) -> int:
+  return sum(math.prod(shape) for shape, _ in param_shapes(model).values())
+
+
+def transformer_config(preset: str) -> tuple[CogVideoXConfig, tuple[int, int, int]]:
+  overrides, latent = PRESETS[preset]
+  return CogVideoXConfig(**overrides), latent
+
+
+def tokens(cfg: CogVideoXConfig, latent: tuple[int, int, int]) -> int:
+  f, h, w = latent
+  return f * (h // cfg.patch_size) * (w // cfg.patch_size) + cfg.max_text_seq_length
+
+
+def sample_bytes(cfg: CogVideoXConfig, n_tokens: int) -> tuple[int, int]:
+  """(held, recorded): one calibration sample's float32 block arrays at `n_tokens` tokens.
+
+  held: full-precision input, its target and the quantized input; recorded: the
+  input of every quantized linear of one block (q, k, v, out, FF in at the
+  hidden width, FF out at the FF width; the adaLN linears see one vector).
+  """
+  block = abstract_model(dataclasses.replace(cfg, num_layers=1)).transformer_blocks[0]
+  recorded = 0
+  for path, layer in iter_linears(block):
+    rows = 1 if path.startswith("norm") else n_tokens
+    recorded += rows * layer.kernel.shape[0]
+  return 3 * n_tokens * cfg.inner_dim * F32, recorded * F32
+
+
+def plan(preset: str, *, num_prompts: int = 8, num_steps: int = 50, num_samples: int = 40
+         ) -> dict[str, float]:
+  """{row: GiB} for a preset at its full video size (see the module docstring)."""
+  cfg, latent = transformer_config(preset)
+  n = tokens(cfg, latent)
+  held, recorded = sample_bytes(cfg, n)
+  f, h, w = latent
+  latent_bytes = f * cfg.in_channels * h * w * F32
+  condition_bytes = cfg.max_text_seq_length * cfg.text_embed_dim * F32
+  candidates = num_prompts * num_steps
+  vae = decode_memory(CogVideoXVAEConfig(), (1, cfg.in_channels, f, h, w), jnp.bfloat16)
+  t5 = nnx.eval_shape(lambda: T5Encoder(T5_XXL, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  return {
+      "tokens": n,
+      "transformer (bf16)": _num_params(abstract_model(cfg)) * BF16 / GIB,
+      "T5-XXL encoder (bf16)": _num_params(t5) * BF16 / GIB,
+      "VAE decoder (bf16)": vae.weights / GIB,
+      "calibration sample, held (f32)": held / GIB,
+      "calibration sample, GPTQ-recorded inputs (f32)": recorded / GIB,
+      f"{num_samples} samples, held + recorded": num_samples * (held + recorded) / GIB,
+      f"candidate pool ({num_prompts} prompts × {num_steps} steps)":
+          candidates * (2 * latent_bytes + condition_bytes) / GIB,
+      "VAE decode of one video (bf16: largest tensor + conv cache + output)":
+          (vae.largest_activation + vae.conv_cache + vae.output) / GIB,
+  }
+
+
+def check() -> list[dict]:
+  """Measured one-block calibration peaks against the held and recorded arrays at their size."""
+  rows = []
+  for path in sorted(glob.glob(os.path.join(RESULTS, "calibration_*.json"))):
+    with open(path) as f:
+      result = json.load(f)
+    cfg, _ = transformer_config(result["preset"])
+    held, recorded = sample_bytes(cfg, result["tokens"])
+    s = result["samples"]
+    block_weights = _num_params(abstract_model(dataclasses.replace(cfg, num_layers=1))
+                                .transformer_blocks[0]) * F32
+    rows.append({"file": os.path.basename(path), "tokens": result["tokens"], "samples": s,
+                 "measured peak host": result["blocks"][0]["peak_host_gib"],
+                 "held + recorded": s * (held + recorded) / GIB,
+                 "attention map (one, f32)": s * cfg.num_attention_heads * result["tokens"] ** 2
+                 * F32 / GIB,
+                 "block weights (f32, one copy)": block_weights / GIB})
+  return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--check", action="store_true", help=check.__doc__)
+  args = parser.parse_args(argv)
+  if args.check:
+    rows = check()
+    print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
+    for r in rows:
+      print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v)
+                              for v in r.values()) + " |")
+    return
+  plans = {p: plan(p) for p in ("cogvideox-2b", "cogvideox-5b")}
+  print("| GiB | CogVideoX-2B | CogVideoX-5B |\n|---|---|---|")
+  for row in plans["cogvideox-2b"]:
+    values = [plans[p][row] for p in plans]
+    print(f"| {row} | " + " | ".join(f"{v:,}" if row == "tokens" else f"{v:.2f}"
+                                     for v in values) + " |")
+
+
+if __name__ == "__main__":
+  main()
