@@ -23,8 +23,17 @@ Why this layout:
   nibbles inside the K loop would need a register round trip through shared
   memory before every wgmma (see DESIGN.md §6).
 
-The `plgpu` API changes between jax releases; everything version-dependent
-is in `_compat` below. Runs on CPU in Mosaic-GPU interpret mode (jax ≥ 0.10).
+The `plgpu` API changes between jax releases. The names used here are the same
+in jax 0.10.2 and 0.11.1 (checked against both sources); the row/column vector
+layouts, spelled `Layout.WGMMA_ROW`/`_COL` in older releases, are looked up by
+`_row_layout`/`_col_layout`, and the private interpret-mode parameters by
+`interpret_params`.
+
+On CPU the kernel runs in Mosaic-GPU interpret mode, which simulates shared
+memory, TMA, barriers and wgmma (and can detect races), with two differences
+forced by the interpreter (jax ≤ 0.11): its wgmma takes no transposed view,
+so the weight is handed over (K, N), and it has no register layouts, so the
+epilogue vectors are plain reads. Everything else is the same kernel.
 """
 from __future__ import annotations
 
@@ -98,17 +107,16 @@ def _kernel(x_gmem, xs_gmem, w_gmem, ws_gmem, b_gmem, o_gmem, *, m: int, block_m
   k = x_gmem.shape[1]
   n = w_gmem.shape[1 if interpret else 0]
   m_tiles, n_tiles = pl.cdiv(m, block_m), n // block_n
+  shape = (block_m, block_n)
 
-  @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
-  def _tile(info):
-    mi, ni = plgpu.planar_snake(info.index[0], (m_tiles, n_tiles), 1, GRID_TILE_WIDTH)
-    row0 = mi * block_m
-    rows = pl.ds(row0, block_m)
-    cols = pl.ds(ni * block_n, block_n)
-
-    def scoped(xs_smem, ws_smem, b_smem, o_smem, barrier):
+  def tiles(xs_smem, ws_smem, b_smem, o_smem, barrier):  # scratch shared by a block's tiles
+    @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+    def _tile(info):
+      mi, ni = plgpu.planar_snake(info.index[0], (m_tiles, n_tiles), 1, GRID_TILE_WIDTH)
+      row0 = mi * block_m
+      cols = pl.ds(ni * block_n, block_n)
       # Epilogue operands first: their TMA copies overlap the whole K loop.
-      plgpu.copy_gmem_to_smem(xs_gmem.at[rows], xs_smem, barrier.at[0])
+      plgpu.copy_gmem_to_smem(xs_gmem.at[pl.ds(row0, block_m)], xs_smem, barrier.at[0])
       plgpu.copy_gmem_to_smem(ws_gmem.at[cols], ws_smem, barrier.at[1])
       plgpu.copy_gmem_to_smem(b_gmem.at[cols], b_smem, barrier.at[2])
 
@@ -126,12 +134,11 @@ def _kernel(x_gmem, xs_gmem, w_gmem, ws_gmem, b_gmem, o_gmem, *, m: int, block_m
                       w_spec],
             max_concurrent_steps=steps,
         )(x_gmem, w_gmem)
-        return acc_ref[...]
+        return acc_ref[...]  # waits for the last wgmma
 
-      acc = pl.run_scoped(accumulate, plgpu.ACC((block_m, block_n), jnp.int32))
+      acc = pl.run_scoped(accumulate, plgpu.ACC(shape, jnp.int32))
       for i in range(3):
         plgpu.barrier_wait(barrier.at[i])
-      shape = (block_m, block_n)
       xs = _load_vector(xs_smem, _row_layout(), interpret)
       ws = _load_vector(ws_smem, _col_layout(), interpret)
       bias = _load_vector(b_smem, _col_layout(), interpret)
@@ -141,21 +148,25 @@ def _kernel(x_gmem, xs_gmem, w_gmem, ws_gmem, b_gmem, o_gmem, *, m: int, block_m
       o_smem[...] = y.astype(o_smem.dtype)
       plgpu.commit_smem()
       _store_rows(o_smem, o_gmem, row0, jnp.minimum(block_m, m - row0), cols, block_m, m)
-      # o_smem is reused by this block's next tile: its copies must have read it.
+      # The next tile overwrites o_smem: these copies must have read it by then.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    pl.run_scoped(scoped, plgpu.SMEM((block_m,), jnp.float32),
-                  plgpu.SMEM((block_n,), jnp.float32), plgpu.SMEM((block_n,), jnp.float32),
-                  plgpu.SMEM((block_m, block_n), o_gmem.dtype), plgpu.Barrier(num_barriers=3))
+  pl.run_scoped(tiles, plgpu.SMEM((block_m,), jnp.float32), plgpu.SMEM((block_n,), jnp.float32),
+                plgpu.SMEM((block_n,), jnp.float32), plgpu.SMEM(shape, o_gmem.dtype),
+                plgpu.Barrier(num_barriers=3))
 
 
 def matmul(x_codes: jax.Array, x_scales: jax.Array, w: jax.Array, w_scales: jax.Array,
            bias: jax.Array, *, out_dtype, block_m: int, block_n: int, block_k: int,
            max_concurrent_steps: int = 4, num_sms: int | None = None,
-           interpret: bool = False) -> jax.Array:
+           interpret=False) -> jax.Array:
   """x_codes (M, K) int8, x_scales (M, 1) float32, w (N, K) int8 codes, w_scales and
   bias (N,) float32 → (M, N) `out_dtype`. Tiles are shrunk to the problem; N and K are
-  zero-padded to whole tiles (never at the model dims)."""
+  zero-padded to whole tiles (never at the model dims). `interpret`: True, or
+  `interpret_params(...)` (e.g. with race detection) to run in the Mosaic-GPU
+  interpreter; `num_sms`: CUDA blocks of the persistent grid (default: the device's)."""
+  if max_concurrent_steps < 2:  # a stage is released one step late (the wgmma is async)
+    raise ValueError(f"max_concurrent_steps={max_concurrent_steps}: the pipeline needs >= 2")
   m, k = x_codes.shape
   n = w.shape[0]
   bm = _WGMMA_M if m <= _WGMMA_M else block_m
@@ -167,10 +178,12 @@ def matmul(x_codes: jax.Array, x_scales: jax.Array, w: jax.Array, w_scales: jax.
   w_scales = tiling.pad_to(w_scales.astype(jnp.float32), 0, np_)
   bias = tiling.pad_to(bias.astype(jnp.float32), 0, np_)
   tiles = pl.cdiv(m, bm) * (np_ // bn)
-  kwargs = dict(interpret=_interpret_params()) if interpret else {}
+  if interpret is True:
+    interpret = interpret_params()
+  kwargs = dict(interpret=interpret) if interpret else {}
   out = plgpu.kernel(
       functools.partial(_kernel, m=m, block_m=bm, block_n=bn, block_k=bk,
-                        steps=max_concurrent_steps, interpret=interpret),
+                        steps=max_concurrent_steps, interpret=bool(interpret)),
       out_type=jax.ShapeDtypeStruct((m, np_), out_dtype),
       grid=(min(num_sms or _num_sms(), tiles),), grid_names=("sm",),
       compiler_params=_compiler_params(), **kwargs,
@@ -178,7 +191,16 @@ def matmul(x_codes: jax.Array, x_scales: jax.Array, w: jax.Array, w_scales: jax.
   return out if np_ == n else out[:, :n]
 
 
-def _interpret_params():
-  from jax._src.pallas.mosaic_gpu.interpret.params import (  # pylint: disable=import-outside-toplevel
-      InterpretGPUParams)
-  return InterpretGPUParams(out_of_bounds_reads="uninitialized", detect_races=True)
+def interpret_params(**kwargs):
+  """Mosaic-GPU interpret mode's parameters (`InterpretGPUParams`, private in jax 0.10).
+
+  Reads past a ragged last row tile are allowed: TMA fills them with zeros on the
+  device, the interpreter with garbage, and neither reaches a stored row.
+  """
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import (  # pylint: disable=import-outside-toplevel
+        InterpretGPUParams)
+  except ImportError as e:
+    raise NotImplementedError(f"this jax ({jax.__version__}) has no Mosaic-GPU interpret "
+                              "mode; use the `interpret` (Triton) back-end on CPU") from e
+  return InterpretGPUParams(**{"out_of_bounds_reads": "uninitialized", **kwargs})

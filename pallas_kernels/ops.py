@@ -7,14 +7,17 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import autotune, pallas_gpu, pallas_tpu, reference, xla_int8
+from pallas_kernels import autotune, mosaic_gpu, pallas_gpu, pallas_tpu, reference, xla_int8
 from pallas_kernels.bits import check_bits
-from pallas_kernels.weights import QuantizedWeight
+from pallas_kernels.weights import QuantizedWeight, unpack_codes
 
-BACKENDS = ("auto", "reference", "xla_int8", "interpret", "gpu", "tpu", "tpu_interpret")
+BACKENDS = ("auto", "reference", "xla_int8", "interpret", "gpu", "mosaic_gpu",
+            "mosaic_gpu_interpret", "tpu", "tpu_interpret")
 # Preferred tiles of each Pallas kernel, clamped to the problem by the kernel.
 _TILES = {"gpu": pallas_gpu.DEFAULT_TILES, "interpret": pallas_gpu.DEFAULT_TILES,
+          "mosaic_gpu": mosaic_gpu.DEFAULT_TILES, "mosaic_gpu_interpret": mosaic_gpu.DEFAULT_TILES,
           "tpu": pallas_tpu.DEFAULT_TILES, "tpu_interpret": pallas_tpu.DEFAULT_TILES}
+_INTERPRETED = ("interpret", "mosaic_gpu_interpret", "tpu_interpret")
 
 
 def resolve_backend(backend: str, problem: autotune.Problem | None = None) -> str:
@@ -69,9 +72,10 @@ def w4a6_matmul(x: jax.Array, qw: QuantizedWeight, bias: jax.Array | None = None
   clip = None if act_clip is None else jnp.asarray(act_clip, jnp.float32).reshape(())
   out = _matmul_2d(x2, qw, bias, clip, act_bits, choice.backend, out_dtype,
                    tuple(sorted(tiles.items())))
-  if choice.backend == "tpu_interpret" and not isinstance(out, jax.core.Tracer):
-    # TPU interpret mode runs JAX ops from host callbacks; if the caller dispatches more
-    # eager work while they run, both can wait on each other. Finish the call first.
+  if choice.backend in ("tpu_interpret", "mosaic_gpu_interpret") and not isinstance(
+      out, jax.core.Tracer):
+    # The TPU and GPU interpret modes run JAX ops from host callbacks; if the caller
+    # dispatches more eager work while they run, both can wait on each other. Finish first.
     out.block_until_ready()
   return out.reshape(*lead, qw.out_features)
 
@@ -85,12 +89,15 @@ def _matmul_2d(x, qw, bias, act_clip, act_bits, backend, out_dtype, tiles):
     return reference.matmul(codes, scales, qw, bias, out_dtype)
   if backend == "xla_int8":
     return xla_int8.matmul(codes, scales, qw, bias, out_dtype)
+  b = jnp.zeros(qw.out_features, jnp.float32) if bias is None else bias.astype(jnp.float32)
+  if backend.startswith("mosaic_gpu"):  # int8 (N, K) codes only: a packed weight is unpacked here
+    return mosaic_gpu.matmul(codes, scales, unpack_codes(qw), qw.scales, b, out_dtype=out_dtype,
+                             interpret=backend in _INTERPRETED, **dict(tiles))
   if qw.packed:  # even-k columns meet the low nibbles, odd-k the high ones
     x_parts = (codes[:, 0::2], codes[:, 1::2])
     w = jax.lax.bitcast_convert_type(qw.data, jnp.int8)
   else:
     x_parts, w = (codes,), qw.data
-  b = jnp.zeros(qw.out_features, jnp.float32) if bias is None else bias.astype(jnp.float32)
   kernel = pallas_tpu.matmul if backend.startswith("tpu") else pallas_gpu.matmul
   return kernel(x_parts, scales, w, qw.scales, b, packed=qw.packed, out_dtype=out_dtype,
-                interpret=backend in ("interpret", "tpu_interpret"), **dict(tiles))
+                interpret=backend in _INTERPRETED, **dict(tiles))
