@@ -12,9 +12,9 @@ Mosaic GPU: TMA and int8 wgmma, Hopper only), `tpu` (Pallas Mosaic TPU),
 run by the Pallas interpreters, for CPU tests), and `auto` (the fastest
 measured per device and shape, see `autotune`; `xla_int8` on CPU).
 """
-from pallas_kernels.ops import BACKENDS, resolve_backend, w4a6_matmul
+from pallas_kernels.ops import BACKENDS, int8_matmul, resolve_backend, w4a6_matmul
 from pallas_kernels.weights import (QuantizedWeight, dequantize_weight, quantize_weight,
                                     unpack_codes)
 
-__all__ = ["BACKENDS", "QuantizedWeight", "dequantize_weight", "quantize_weight",
+__all__ = ["BACKENDS", "QuantizedWeight", "dequantize_weight", "int8_matmul", "quantize_weight",
            "resolve_backend", "unpack_codes", "w4a6_matmul"]
