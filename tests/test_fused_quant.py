@@ -13,7 +13,6 @@ from s2q_jax import deploy, fused_quant, quant
 from s2q_jax.job_config import base_config
 from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
 from s2q_jax.models.cogvideox import CogVideoXBlock
-from s2q_jax.models.loading import _read_config
 
 CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=32, in_channels=3, out_channels=3,
                       time_embed_dim=32, text_embed_dim=24, num_layers=1, sample_width=16,
@@ -34,9 +33,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _model(path, fuse=True, dtype=jnp.bfloat16):
-  config, meta = _read_config(path)
-  return deploy.load_quantized(path, config, meta, backend="xla_int8", dtype=dtype,
-                               fuse_act_quant=fuse)
+  return load_pretrained(path, dtype=dtype, backend="xla_int8", fuse_act_quant=fuse)
 
 
 def _block(path, fuse=True, dtype=jnp.bfloat16):
