@@ -73,7 +73,7 @@ def _compiler_params():
 
 def _num_sms() -> int:
   dev = jax.devices()[0]
-  return getattr(dev, "core_count", None) or H100_SMS if dev.platform == "gpu" else H100_SMS
+  return (getattr(dev, "core_count", None) or H100_SMS) if dev.platform == "gpu" else H100_SMS
 
 
 def _load_vector(ref, layout, interpret: bool) -> jax.Array:
@@ -198,8 +198,8 @@ def interpret_params(**kwargs):
   device, the interpreter with garbage, and neither reaches a stored row.
   """
   try:
-    from jax._src.pallas.mosaic_gpu.interpret.params import (  # pylint: disable=import-outside-toplevel
-        InterpretGPUParams)
+    # pylint: disable-next=import-outside-toplevel
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
   except ImportError as e:
     raise NotImplementedError(f"this jax ({jax.__version__}) has no Mosaic-GPU interpret "
                               "mode; use the `interpret` (Triton) back-end on CPU") from e

@@ -10,7 +10,8 @@ Random weights at the preset's size, quantized with the main job's default
 layer rules at W4A6 (`job_config.base_config(4, 6, "rtn")`), exported as the
 job exports them. Each back-end is timed with the activation quantization
 fused into the norm + modulation (`s2q_jax.fused_quant`, as `load_pretrained`
-deploys) and, with `--unfused`, also without ("w4a6 <backend> unfused"). Storage is measured from files, headers included, as the
+deploys) and, with `--unfused`, also without ("w4a6 <backend> unfused").
+Storage is measured from files, headers included, as the
 job reports it: the model saved as a bf16 diffusers safetensors file against
 the quantized checkpoint's weights file. Timing (skipped by --storage-only):
 one forward (batch 1, no guidance) on the preset's latent video, bf16 and

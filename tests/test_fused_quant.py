@@ -109,8 +109,9 @@ def test_identical_quantizers_share_codes_learned_ones_do_not(checkpoint):
   block = _block(path)
   assert isinstance(block, fused_quant.FusedCogVideoXBlock)
   shared = _rounds(block)
-  # to_out, FF1 (shared by nothing), FF2, and one set for q, k and v on each part.
-  assert shared == 1 + 2 + 1 + 2
+  # The two modulation linears (W8A8 by the job's rules), one set of codes for q, k and v
+  # and one for FF1 on each part (text, video), to_out and FF2.
+  assert shared == 2 + 2 + 2 + 1 + 1
   block.attn1.to_q.act_clip = deploy.Deployed(jnp.full((1,), 0.8, jnp.float32))
   assert _rounds(block) == shared + 2  # to_q's learned clip: its own codes, for each part
 
