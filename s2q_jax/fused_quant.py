@@ -6,8 +6,8 @@ own, that reads the full-size bf16 activations back and writes int8 codes,
 on top of the producer writing those activations in the first place. In a
 video DiT block the inputs of q, k, v and FF1 are the output of the block's
 LayerNorm + adaptive modulation, and FF2's is the GELU of FF1's output. Here
-the quantization is computed where those values are produced, in the same XLA
-fusion, so the modulated activations are never stored:
+the codes are written by the fusion that computes those values, so the int8
+codes do not come from a stored copy of the modulated activations:
 
 - `ModulatedTokens` is the joint [text; video] sequence after norm +
   modulation, held as one float32 expression per part (text and video have
@@ -21,7 +21,7 @@ fusion, so the modulated activations are never stored:
 - Layers whose input quantizers are the same (same bits, no learned
   transform, smoothing or clip: q, k and v of an RTN or GPTQ model) share one
   set of codes; a layer with learned ones (S²Q's Kronecker transform and
-  act_clip) quantizes for itself, its transform being part of its fusion.
+  act_clip) quantizes its own transformed input.
 - FF2's input, GELU(FF1's output), is left as it is: XLA computes FF1's
   epilogue and the GELU in one fusion and stores the result once in bf16,
   which the absmax and the codes then read. Not storing it would mean
@@ -34,10 +34,11 @@ fusion, so the modulated activations are never stored:
 support it (every layer reading the modulated tokens quantizes its input);
 `load_pretrained` of a quantized checkpoint does so by default. What stays:
 each token's absmax is a row reduction, so the values are computed twice (once
-for the absmax, once for the codes); XLA on GPU fuses the modulation into the
-reduction too, XLA on CPU materialises the reduction's input (its reductions
-do not fuse with producers). A learned Kronecker transform is a matmul, whose
-output XLA stores before the codes are taken.
+for the absmax, once for the codes); XLA on CPU stores the reduction's input
+(its reductions do not fuse with producers), XLA on GPU can fuse the
+modulation into the reduction as well (not yet checked on a GPU). A learned
+Kronecker transform is a matmul, whose output XLA stores before the codes are
+taken.
 """
 from __future__ import annotations
 
