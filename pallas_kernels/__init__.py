@@ -6,14 +6,15 @@
 
 Back-ends (`BACKENDS`): `reference` (plain JAX, the oracle), `xla_int8`
 (XLA's int8 dot on (N, K) int8 weights, `QuantizedWeight.unpacked()`), `gpu`
-(Pallas, Triton lowering), `tpu` (Pallas Mosaic TPU), `interpret` /
-`tpu_interpret` (those kernel bodies run by the Pallas interpreters, for CPU
-tests), and `auto` (the fastest measured per device and shape, see
-`autotune`; `xla_int8` on CPU).
+(Pallas, Triton lowering: the portable GPU kernel), `mosaic_gpu` (Pallas
+Mosaic GPU: TMA and int8 wgmma, Hopper only), `tpu` (Pallas Mosaic TPU),
+`interpret` / `mosaic_gpu_interpret` / `tpu_interpret` (those kernel bodies
+run by the Pallas interpreters, for CPU tests), and `auto` (the fastest
+measured per device and shape, see `autotune`; `xla_int8` on CPU).
 """
-from pallas_kernels.ops import BACKENDS, resolve_backend, w4a6_matmul
+from pallas_kernels.ops import BACKENDS, int8_matmul, resolve_backend, w4a6_matmul
 from pallas_kernels.weights import (QuantizedWeight, dequantize_weight, quantize_weight,
                                     unpack_codes)
 
-__all__ = ["BACKENDS", "QuantizedWeight", "dequantize_weight", "quantize_weight",
+__all__ = ["BACKENDS", "QuantizedWeight", "dequantize_weight", "int8_matmul", "quantize_weight",
            "resolve_backend", "unpack_codes", "w4a6_matmul"]

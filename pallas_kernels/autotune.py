@@ -62,8 +62,9 @@ class Choice:
 
 def candidates(platform: str) -> list[Choice]:
   """What `auto` measures on `platform`; the first is the fallback (`xla_int8`)."""
-  if platform == "gpu":
-    return [Choice("xla_int8"), Choice("gpu")]
+  if platform == "gpu":  # int8 wgmma (the Mosaic GPU kernel) exists on Hopper only
+    hopper = getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+    return [Choice("xla_int8"), Choice("gpu")] + ([Choice("mosaic_gpu")] if hopper else [])
   if platform == "tpu":  # the guide's large tiles, and a smaller set for small problems
     return [Choice("xla_int8"), Choice("tpu"),
             Choice("tpu", dict(block_m=256, block_n=512, block_k=512))]

@@ -7,10 +7,15 @@
 Columns (seconds per call; TOP/s = 2·M·K·N / time):
   bf16            XLA's bf16 matmul, x (M, K) @ W (K, N)
   quant           per-token activation quantization alone (bf16 x → int8 codes + scales)
+  modulate        the producer alone: LayerNorm + modulation of a bf16 x, bf16 out
+  fused quant     the producer with the quantization fused in: the same LayerNorm +
+                  modulation writing int8 codes + scales (`s2q_jax.fused_quant`);
+                  compare with modulate + quant
   xla_int8 noq    XLA's int8 dot on ready codes, (N, K) int8 weights, scale/bias epilogue
   xla_int8        the same including the quantization: the `xla_int8` back-end
   <backend>       `w4a6_matmul` on each back-end asked for (packed weights for the
-                  Pallas kernels, int8 ones for auto, as deployment holds them)
+                  Triton and TPU kernels, int8 ones for auto and mosaic_gpu, as
+                  deployment holds them); a back-end that fails is reported, not fatal
 Each is warmed up, then called `--reps` times with one sync at the end. Every
 quantized column's output is checked against `reference` before it is timed
 (a mismatch is an error); bf16 records its relative distance from reference
@@ -40,7 +45,7 @@ SHAPES = {
     "small": [(1000, 256, 256), (1000, 256, 1024), (1000, 1024, 256)],
     "tiny": [(45, 128, 96)],  # a ragged M; CPU smoke test
 }
-DEFAULT_BACKENDS = {"gpu": "gpu,auto", "tpu": "tpu,auto", "cpu": "auto"}
+DEFAULT_BACKENDS = {"gpu": "gpu,mosaic_gpu,auto", "tpu": "tpu,auto", "cpu": "auto"}
 
 
 def environment() -> dict:
@@ -61,6 +66,14 @@ def _check(name: str, out: jax.Array, ref: jax.Array) -> float:
   return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
+def _modulate(x: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
+  """A DiT block's LayerNorm + adaptive modulation, float32 (the producer of q/k/v/FF1's input)."""
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  y = (xf - mean) * jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + 1e-5)
+  return y * (1 + scale) + shift
+
+
 def bench(m: int, k: int, n: int, backends: list[str], reps: int, tiles: dict) -> dict:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -71,10 +84,14 @@ def bench(m: int, k: int, n: int, backends: list[str], reps: int, tiles: dict) -
   w_bf16 = jnp.asarray(w, jnp.bfloat16)
   ref = w4a6_matmul(x, qw, bias, backend="reference")
   codes, scales = reference.quantize_activations(x, 6)
+  mod_scale, mod_shift = (jnp.asarray(rng.standard_normal(k) * 0.1, jnp.float32) for _ in "ss")
 
   fns = {
       "bf16": (jax.jit(lambda x, w: x @ w + bias.astype(jnp.bfloat16)), (x, w_bf16)),
       "quant": (jax.jit(lambda x: reference.quantize_activations(x, 6)), (x,)),
+      "modulate": (jax.jit(lambda x: _modulate(x, mod_scale, mod_shift).astype(x.dtype)), (x,)),
+      "fused quant": (jax.jit(lambda x: reference.quantize_activations(
+          _modulate(x, mod_scale, mod_shift), 6)), (x,)),
       "xla_int8 noq": (jax.jit(lambda c, s, qw: xla_int8.matmul(c, s, qw, bias, jnp.bfloat16)),
                        (codes, scales, qw8)),
       "xla_int8": (jax.jit(lambda x, qw: w4a6_matmul(x, qw, bias, backend="xla_int8")),
@@ -84,12 +101,26 @@ def bench(m: int, k: int, n: int, backends: list[str], reps: int, tiles: dict) -
     kernel_tiles = tiles if b not in ("auto", "reference", "xla_int8") else {}
     fns[b] = (jax.jit(lambda x, qw, b=b, t=kernel_tiles: w4a6_matmul(x, qw, bias, backend=b,
                                                                        **t)),
-              (x, qw8 if b in ("auto", "xla_int8") else qw))
-  result = {"shape": [m, k, n], "seconds": {}, "rel_diff_vs_reference": {}}
+              # int8 (N, K) where deployment holds them so (auto) or the kernel needs them
+              (x, qw8 if b in ("auto", "xla_int8") or b.startswith("mosaic_gpu") else qw))
+  result = {"shape": [m, k, n], "seconds": {}, "rel_diff_vs_reference": {}, "errors": {}}
   for name, (fn, args) in fns.items():
-    out = fn(*args)
+    try:
+      out = fn(*args)
+    except Exception as e:  # pylint: disable=broad-except  # e.g. mosaic_gpu off Hopper
+      result["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
+      continue
     if name == "quant":
       np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(codes), err_msg=name)
+    elif name == "modulate":
+      pass
+    elif name == "fused quant":  # vs quantizing the float32 modulation in a pass of its own
+      modulated = jax.jit(_modulate)(x, mod_scale, mod_shift)  # stored, then quantized
+      want = np.asarray(jax.jit(reference.quantize_activations, static_argnums=1)(
+          modulated, 6)[0], np.int32)
+      # Fused or not, XLA may contract a multiply-add differently: a rare ±1 at a rounding tie.
+      off = np.abs(np.asarray(out[0], np.int32) - want)
+      assert off.max() <= 1 and off.mean() < 1e-3, f"{name}: codes differ from quantizing apart"
     elif name == "bf16":  # not the quantized result: record how far it is, check nothing
       a, b = np.asarray(out, np.float32), np.asarray(ref, np.float32)
       result["rel_diff_vs_reference"][name] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -97,7 +128,7 @@ def bench(m: int, k: int, n: int, backends: list[str], reps: int, tiles: dict) -
       result["rel_diff_vs_reference"][name] = _check(name, out, ref)
     result["seconds"][name] = loop_time(fn, *args, reps=reps)
   result["tops"] = {c: 2 * m * k * n / s / 1e12 for c, s in result["seconds"].items()
-                    if c != "quant"}
+                    if c not in ("quant", "modulate", "fused quant")}
   return result
 
 
@@ -128,14 +159,17 @@ def main(argv=None) -> dict:
   shapes = _shapes(args.shapes or ("small" if platform == "cpu" else "cogvideox"))
   env = environment()
   print(f"{env['device']}, jax {env['versions']['jax']}, back-ends {backends}, tiles {tiles}")
-  cols = ["bf16", "quant", "xla_int8 noq", "xla_int8", *backends]
+  cols = ["bf16", "quant", "modulate", "fused quant", "xla_int8 noq", "xla_int8", *backends]
   print(f"{'M×K×N':>20} | " + " | ".join(f"{c:>12}" for c in cols) + "   (ms; TOP/s)")
   results = []
   for m, k, n in shapes:
     r = bench(m, k, n, backends, args.reps, tiles)
     results.append(r)
-    cells = [f"{r['seconds'][c] * 1e3:6.3f};{r['tops'].get(c, 0):5.3g}" for c in cols]
+    cells = [f"{r['seconds'][c] * 1e3:6.3f};{r['tops'].get(c, 0):5.3g}" if c in r["seconds"]
+             else "error" for c in cols]
     print(f"{f'{m}×{k}×{n}':>20} | " + " | ".join(f"{c:>12}" for c in cells))
+    for c, e in r["errors"].items():
+      print(f"{'':>20}   {c}: {e}")
   out = {**env, "backends": backends, "tiles": tiles, "reps": args.reps, "results": results}
   if args.json:
     with open(args.json, "w") as f:

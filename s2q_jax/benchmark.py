@@ -1,14 +1,17 @@
 """Full-transformer benchmark at a real model's size: W4A6 storage, and forward time bf16 vs W4A6.
 
   python -m s2q_jax.benchmark --preset cogvideox-2b --storage-only --json F   # no accelerator
-  python -m s2q_jax.benchmark --preset cogvideox-5b --backends xla_int8,gpu,auto --json F
+  python -m s2q_jax.benchmark --preset cogvideox-5b --backends xla_int8,gpu,auto --unfused --json F
   python -m s2q_jax.benchmark --calibration --preset cogvideox-2b --blocks 1 --json F
 
 `--calibration` times S²Q calibration instead (see `s2q_jax.calibration_benchmark`).
 
 Random weights at the preset's size, quantized with the main job's default
 layer rules at W4A6 (`job_config.base_config(4, 6, "rtn")`), exported as the
-job exports them. Storage is measured from files, headers included, as the
+job exports them. Each back-end is timed with the activation quantization
+fused into the norm + modulation (`s2q_jax.fused_quant`, as `load_pretrained`
+deploys) and, with `--unfused`, also without ("w4a6 <backend> unfused").
+Storage is measured from files, headers included, as the
 job reports it: the model saved as a bf16 diffusers safetensors file against
 the quantized checkpoint's weights file. Timing (skipped by --storage-only):
 one forward (batch 1, no guidance) on the preset's latent video, bf16 and
@@ -89,7 +92,8 @@ def _inputs(cfg: CogVideoXConfig, video: tuple[int, int, int]) -> tuple:
   return x, text, jnp.array([500])
 
 
-def run(preset: str, backends: list[str], reps: int, storage_only: bool) -> dict:
+def run(preset: str, backends: list[str], reps: int, storage_only: bool,
+        unfused: bool = False) -> dict:
   overrides, video = PRESETS[preset]
   cfg = CogVideoXConfig(**overrides)
   model = CogVideoXTransformer3D(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # bf16: half the RAM
@@ -106,10 +110,12 @@ def run(preset: str, backends: list[str], reps: int, storage_only: bool) -> dict
     gc.collect()
     if not storage_only:
       for backend in backends:
-        deployed = load_pretrained(os.path.join(tmp, "w4a6"), dtype=jnp.bfloat16,
-                                   backend=backend)
-        times[f"w4a6 {backend}"] = time_forward(deployed, args, reps)
-        del deployed
+        for fuse in (True, False) if unfused else (True,):
+          deployed = load_pretrained(os.path.join(tmp, "w4a6"), dtype=jnp.bfloat16,
+                                     backend=backend, fuse_act_quant=fuse)
+          times[f"w4a6 {backend}" + ("" if fuse else " unfused")] = time_forward(
+              deployed, args, reps)
+          del deployed
   if times:
     f, h, w = video
     result["tokens"] = f * (h // cfg.patch_size) * (w // cfg.patch_size) + \
@@ -125,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--backends", default="auto",
                       help="comma-separated W4A6 back-ends to time (see pallas_kernels.BACKENDS)")
   parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--unfused", action="store_true",
+                      help="also time each back-end without fused activation quantization")
   parser.add_argument("--storage-only", action="store_true",
                       help="only export and measure file sizes (no accelerator needed)")
   parser.add_argument("--json", default=None, help="write the result to this file")
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.error(f"unknown back-end(s) {', '.join(bad)}: choose from {', '.join(BACKENDS)}")
   preset = args.preset or ("small" if jax.default_backend() == "cpu" else "cogvideox-2b")
   result = {"command": "python -m s2q_jax.benchmark " + " ".join(argv or sys.argv[1:]),
-            **run(preset, backends, args.reps, args.storage_only)}
+            **run(preset, backends, args.reps, args.storage_only, args.unfused)}
   s = result["storage"]
   print(f"{preset}: {result['params'] / 1e9:.3f} B parameters, {result['layers']} layers, "
         f"hidden {result['hidden']}; {result['device']}")
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{s['compression']:.2f}× smaller")
   for name, seconds in result.get("forward_seconds", {}).items():
     speedup = result["speedup_vs_bf16"].get(name)
-    print(f"forward {name:>16}: {seconds:8.3f} s" + (f"  {speedup:.2f}× bf16" if speedup else ""))
+    print(f"forward {name:>24}: {seconds:8.3f} s" + (f"  {speedup:.2f}× bf16" if speedup else ""))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

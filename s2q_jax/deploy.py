@@ -24,8 +24,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from pallas_kernels import QuantizedWeight, packing, w4a6_matmul
+from pallas_kernels import QuantizedWeight, int8_matmul, packing, reference, w4a6_matmul
 from pallas_kernels.weights import dequantize_weight
+from s2q_jax.fused_quant import ModulatedTokens, fuse_activation_quantization
 from s2q_jax.models.params import flat_params, load_flat_params
 from s2q_jax.quant.apply import quantized_layers, replace_module
 from s2q_jax.quant import kronecker, quantizer, token_estimator
@@ -81,15 +82,46 @@ class DeployedLinear(nnx.Module):
   def weight(self) -> QuantizedWeight:
     return QuantizedWeight(self.data[...], self.scales[...], self.bits, self.in_features)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  @property
+  def fuses_input_quantization(self) -> bool:
+    """Takes `ModulatedTokens` and quantizes them in their producer's fusion
+    (`s2q_jax.fused_quant`); Q-VDiT's branch needs the float input, so not with one."""
+    return self.a_bits is not None and self.lowrank_a is None
+
+  def _transforms(self) -> tuple:
+    return self.shift, self.smooth, self.rotation, self.transform_left
+
+  def input_quantizer_key(self) -> tuple | None:
+    """Equal keys: equal input quantization. Learned transforms or clipping are this
+    layer's own (None: never shared)."""
+    if any(t is not None for t in (*self._transforms(), self.act_clip)):
+      return None
+    return ("per-token", self.a_bits)
+
+  def quantize_input(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(int8 codes, float32 per-token scales) of x (..., K): transforms, clip, absmax,
+    rounding, exactly as `w4a6_matmul` quantizes."""
+    if any(t is not None for t in self._transforms()):
+      x = self._transform(x.astype(jnp.float32))
+    clip = None if self.act_clip is None else self.act_clip[...].reshape(())
+    return reference.quantize_activations(x, self.a_bits, clip)
+
+  def __call__(self, x: jax.Array | ModulatedTokens) -> jax.Array:
     """x in the model's dtype → y in the model's dtype (`dtype`).
 
     No float32 copy of the activations is made unless a learned transform needs
     one (as the fake-quant layer computes it); otherwise the kernel quantizes
-    x as given and its epilogue writes `dtype` directly.
+    x as given and its epilogue writes `dtype` directly. Given `ModulatedTokens`,
+    the codes are computed from them (and shared with layers quantizing alike).
     """
-    if any(t is not None for t in (self.shift, self.smooth, self.rotation,
-                                   self.transform_left)):
+    if isinstance(x, ModulatedTokens):
+      if not self.fuses_input_quantization:
+        return self(x.materialize())
+      codes, scales = x.quantized(self.input_quantizer_key(), self.quantize_input)
+      bias = None if self.bias is None else self.bias[...]
+      return int8_matmul(codes, scales, self.weight, bias, out_dtype=self.dtype,
+                         act_bits=self.a_bits, backend=self.backend)
+    if any(t is not None for t in self._transforms()):
       x = self._transform(x.astype(jnp.float32))
     bias = None if self.bias is None else self.bias[...]
     clip = None if self.act_clip is None else self.act_clip[...]
@@ -191,8 +223,12 @@ def weights_file_bytes(folder: str) -> int:
 
 
 def load_quantized(folder: str, config, meta: dict, *, backend: str = "auto",
-                   dtype=jnp.float32) -> nnx.Module:
-  """Builds the model of a quantized checkpoint (see `load_pretrained`)."""
+                   dtype=jnp.float32, fuse_act_quant: bool = True) -> nnx.Module:
+  """Builds the model of a quantized checkpoint (see `load_pretrained`).
+
+  `fuse_act_quant`: activation quantization computed inside the producer's fusion
+  (`s2q_jax.fused_quant`) wherever a block supports it.
+  """
   from s2q_jax.models.loading import abstract_model  # pylint: disable=import-outside-toplevel
   model = abstract_model(config, dtype)
   for path, boundaries in meta.get("timestep_ranges", {}).items():
@@ -214,4 +250,6 @@ def load_quantized(folder: str, config, meta: dict, *, backend: str = "auto",
     rest = {key: f.get_tensor(key) for key in f.keys() if key.rpartition(".")[0] not in
             meta["layers"]}
   load_flat_params(model, rest)
+  if fuse_act_quant:
+    fuse_activation_quantization(model)
   return model

@@ -169,17 +169,19 @@ def _read_config(folder: str) -> tuple[ModelConfig, dict]:
 
 
 def load_pretrained(path: str, dtype=None, *, allow_pickle: bool = False,
-                    backend: str = "auto") -> nnx.Module:
+                    backend: str = "auto", fuse_act_quant: bool = True) -> nnx.Module:
   """Loads a diffusers folder, a converted checkpoint or a quantized checkpoint.
 
   The model family (CogVideoX, Wan, HunyuanVideo) follows the config's `_class_name`.
 
   `dtype` None keeps the stored dtype (float32 compute for quantized
   checkpoints); otherwise parameters are cast to it. `backend` selects the
-  matmul kernels of a quantized checkpoint (see `pallas_kernels.BACKENDS`).
+  matmul kernels of a quantized checkpoint (see `pallas_kernels.BACKENDS`), and
+  `fuse_act_quant` whether its activation quantization is fused into the
+  producers (`s2q_jax.fused_quant`).
   """
   path = os.fspath(path)
-  model = _load(path, dtype, allow_pickle, backend)
+  model = _load(path, dtype, allow_pickle, backend, fuse_act_quant)
   check_finite_weights(model, path)
   return model
 
@@ -203,11 +205,12 @@ def check_finite_weights(model: nnx.Module, path: str, show: int = 3) -> None:
                           "the checkpoint is corrupt or was saved from a diverged training run")
 
 
-def _load(path: str, dtype, allow_pickle: bool, backend: str) -> nnx.Module:
+def _load(path: str, dtype, allow_pickle: bool, backend: str, fuse_act_quant: bool) -> nnx.Module:
   config, meta = _read_config(path)
   if meta.get("format") == "quantized":
     from s2q_jax.deploy import load_quantized  # pylint: disable=import-outside-toplevel
-    return load_quantized(path, config, meta, backend=backend, dtype=dtype or jnp.float32)
+    return load_quantized(path, config, meta, backend=backend, dtype=dtype or jnp.float32,
+                          fuse_act_quant=fuse_act_quant)
   if is_converted(path):
     dtype = dtype or meta.get("dtype", "float32")
     model = abstract_model(config, dtype)
