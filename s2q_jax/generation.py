@@ -1,4 +1,9 @@
-"""Video generation with a (possibly quantized) model: jitted sampling in batches."""
+"""Video generation with a (possibly quantized) model: jitted sampling in batches.
+
+On a ("data", "model") mesh the model is stored sharded over "model" (see
+`s2q_jax.sharding`) and each batch of videos split over "data"; XLA's
+partitioner gathers each parameter where it is used.
+"""
 from __future__ import annotations
 
 import time
@@ -8,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from s2q_jax import sharding
 from s2q_jax.sampling import Scheduler, make_schedule, sample, sample_trajectory
 
 
@@ -23,14 +30,22 @@ def _scheduler(num_steps: int, scheduler: Scheduler | None) -> Scheduler:
 
 
 def sampler(model: nnx.Module, uncond: np.ndarray, *, num_steps: int, guidance_scale: float,
-            return_trajectory: bool = False, scheduler: Scheduler | None = None) -> Callable:
+            return_trajectory: bool = False, scheduler: Scheduler | None = None,
+            mesh: jax.sharding.Mesh | None = None) -> Callable:
   """A jitted `f(noise, cond, key=None)` sampling with `model` (see `sampling.sample`).
 
   `scheduler` defaults to CogVideoX-2B's DDIM. `key` seeds a stochastic
   scheduler's step noise. With `return_trajectory`, f returns
-  (x_0, `sampling.Trajectory`).
+  (x_0, `sampling.Trajectory`). With a `mesh`, the model's parameters are
+  sharded over its "model" axis and f's batch (a multiple of the "data" axis
+  size) is split over "data".
   """
   graphdef, state = nnx.split(model)
+  place = lambda x: jnp.asarray(x)  # noqa: E731
+  if mesh is not None:
+    state = sharding.place(state, mesh)
+    batch = NamedSharding(mesh, P(sharding.DATA))
+    place = lambda x: jax.device_put(np.asarray(x), batch)  # noqa: E731
   schedule = _scheduler(num_steps, scheduler)
 
   @jax.jit
@@ -44,28 +59,35 @@ def sampler(model: nnx.Module, uncond: np.ndarray, *, num_steps: int, guidance_s
                                guidance_scale=guidance_scale, key=key)
     return sample(denoiser, noise, cond, null, schedule, guidance_scale=guidance_scale, key=key)
 
-  return lambda noise, cond, key=None: run(state, jnp.asarray(noise), jnp.asarray(cond), key)
+  return lambda noise, cond, key=None: run(state, place(noise), place(cond), key)
 
 
 def generate(model: nnx.Module, noise: np.ndarray, cond: np.ndarray, uncond: np.ndarray, *,
              num_steps: int, guidance_scale: float, batch_size: int = 4,
              log: Callable[[str], None] | None = print, label: str = "videos",
-             scheduler: Scheduler | None = None, key: jax.Array | None = None) -> np.ndarray:
+             scheduler: Scheduler | None = None, key: jax.Array | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
   """Denoises `noise` (N, F, C, H, W) under `cond` (N, L, D); returns (N, F, C, H, W) float32.
 
   `uncond` (L, D) is the null condition for classifier-free guidance. The
   same noise, conditions and `key` give the same videos for any model, so
   full precision and quantized outputs compare pixel by pixel. `key` is
   needed by stochastic schedulers only; the batch starting at video i uses
-  fold_in(key, i), so keep `batch_size` fixed between runs to compare.
+  fold_in(key, i), so keep `batch_size` fixed between runs to compare. On a
+  `mesh` (see `sampler`) a batch that the "data" axis does not divide is
+  padded with copies of its last video, dropped again from the output.
   """
   run = sampler(model, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
-                scheduler=scheduler)
+                scheduler=scheduler, mesh=mesh)
+  split = 1 if mesh is None else sharding.data_size(mesh)
   out, start = [], time.perf_counter()
   for i in range(0, len(noise), batch_size):
     batch_key = None if key is None else jax.random.fold_in(key, i)
-    out.append(np.asarray(run(noise[i:i + batch_size], cond[i:i + batch_size], batch_key),
-                          np.float32))
+    x, c = noise[i:i + batch_size], cond[i:i + batch_size]
+    n = len(x)
+    if n % split:
+      x, c = (np.concatenate([a, np.repeat(a[-1:], split - n % split, axis=0)]) for a in (x, c))
+    out.append(np.asarray(run(x, c, batch_key), np.float32)[:n])
     if log:
       done = min(i + batch_size, len(noise))
       log(f"  {label}: {done}/{len(noise)} ({time.perf_counter() - start:.0f}s)")
