@@ -67,7 +67,7 @@ _SCRIPT = textwrap.dedent("""
 
     sharding.MIN_SHARDED_SIZE = 16
     cfg = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, in_channels=3,
-                          out_channels=3, time_embed_dim=32, text_embed_dim=16, num_layers=2,
+                          out_channels=3, time_embed_dim=32, text_embed_dim=16, num_layers=1,
                           sample_width=8, sample_height=8, sample_frames=5, patch_size=4,
                           max_text_seq_length=4, use_rotary_positional_embeddings=True)
     fp = CogVideoXTransformer3D(cfg, rngs=nnx.Rngs(0))
@@ -106,7 +106,7 @@ _SCRIPT = textwrap.dedent("""
                  for p, v in nnx.to_flat_state(nnx.state(block, QuantParam))}
       train_layout = list(placed)
       placed.clear()
-      videos = generation.generate(fp, noise, cond, np.zeros((4, 16), np.float32), num_steps=3,
+      videos = generation.generate(fp, noise, cond, np.zeros((4, 16), np.float32), num_steps=2,
                                    guidance_scale=2.0, log=None, mesh=mesh)
       out[model_axis] = {"learned": learned, "videos": videos.tolist(),
                          "train_layout": train_layout, "generation_layout": list(placed)}
@@ -159,9 +159,10 @@ def test_two_by_four_mesh_learns_what_one_device_learns(runs):
 def test_generation_on_a_sharded_model_matches_one_device(runs):
   """3 videos (padded to a multiple of the data axis) from a model split over 4 devices.
 
-  XLA may contract a parameter split along its input dimension shard by shard
-  and sum the partial products, a different summation order: the tolerance is
-  a few float32 ulps of the outputs (of order 1) times the 3 sampler steps.
+  The parameters are gathered whole and each device runs its videos as one
+  device would; only XLA's compilation for a different batch size and device
+  count changes the rounding (1e-6 measured), far below the 0.09 error that
+  partitioning the attention on sharded parameters produced.
   """
   one, fsdp = runs
   assert _sharded(fsdp["generation_layout"]) and not _sharded(one["generation_layout"])
