@@ -126,7 +126,7 @@ def runs():
 
 
 def _sharded(layout):
-  return [(shape, local) for shape, local in layout if shape != local]
+  return [[shape, local] for shape, local in layout if shape != local]
 
 
 def test_block_training_shards_parameters_and_optimizer_state(runs):

@@ -7,9 +7,9 @@ For the embedded model (full precision, and W4A6 with frozen int8 codes), and
 for one CogVideoX-2B-width block's calibration state (frozen weights, learned
 state, Adam moments), the bytes the most loaded device holds under
 `s2q_jax.sharding`'s rule. For the full-precision model it also compiles one
-sampler step on the mesh and reports XLA's own per-device figures: the
-arguments (the parameter shards) and the temporaries, which hold the
-parameters XLA gathers while it runs.
+forward pass as a generation step runs it (parameters gathered, batch split
+over "data") and reports XLA's own per-device figures: the arguments (the
+parameter shards) and the temporaries, which include the gathered parameters.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def _step_memory(model, mesh) -> tuple[int, int]:
   latents = jnp.zeros((sharding.data_size(mesh), 2, cfg.in_channels, 32, 32))
   text = jnp.zeros((sharding.data_size(mesh), cfg.max_text_seq_length, cfg.text_embed_dim))
   batch = NamedSharding(mesh, P(sharding.DATA))
-  forward = jax.jit(lambda s, x, c: nnx.merge(graphdef, s)(x, c, jnp.zeros(x.shape[:1])))
+  forward = jax.jit(lambda s, x, c: nnx.merge(graphdef, sharding.gather(s, mesh))(
+      x, c, jnp.zeros(x.shape[:1])))  # as a generation step runs it
   compiled = forward.lower(sharding.place(state, mesh), jax.device_put(latents, batch),
                            jax.device_put(text, batch)).compile()
   stats = compiled.memory_analysis()
