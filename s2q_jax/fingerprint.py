@@ -16,14 +16,15 @@ from typing import Any, Mapping
 from ml_collections import ConfigDict
 
 # Config keys that cannot change any result: where outputs and caches live, how
-# GIFs are scaled, XLA's compile cache, the process group, the kernels that rerun
+# GIFs are scaled, XLA's compile cache, the process group and device mesh (within the
+# rounding of the reduction order, as the device count), the kernels that rerun
 # the exported checkpoint, and model.path (the model files' digest stands for it,
 # so a moved folder still matches). A list of what does NOT matter, so that a key
 # added later counts by default instead of being silently ignored.
 IGNORED_KEYS = frozenset({
     "workdir", "compilation_cache", "model.path", "inference.backend", "eval.gif_scale",
     "eval.fp_videos_path", "calib.pool_path", "mesh.coordinator", "mesh.num_processes",
-    "mesh.process_id",
+    "mesh.process_id", "mesh.model",
 })
 
 # Weight files up to this size are hashed byte for byte (the embedded model's

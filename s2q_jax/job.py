@@ -19,7 +19,7 @@ from conversion.checkpoint_files import CheckpointError
 from conversion.flax_to_diffusers import save_diffusers
 from conversion.output_dir import atomic_output_dir
 from s2q_jax import conditions as conditions_lib
-from s2q_jax import deploy, embedded, finite, fingerprint, multihost, outputs, quant
+from s2q_jax import deploy, embedded, finite, fingerprint, multihost, outputs, quant, sharding
 from s2q_jax import pipeline as pipeline_lib
 from s2q_jax import workdir as workdir_lib
 from s2q_jax.data import gif
@@ -51,6 +51,7 @@ def validate(cfg: ConfigDict) -> None:
   if "distributed" in cfg.calib:
     raise UserError(REPLACED_DISTRIBUTED)
   multihost.check_config(cfg.mesh)
+  sharding.check_model_size(cfg.mesh.model)
   if cfg.inference.backend not in ("",) + BACKENDS:
     raise UserError(f"inference.backend={cfg.inference.backend!r}: use '' (fake-quant) or one "
                     f"of {', '.join(BACKENDS)}")
@@ -67,6 +68,16 @@ def validate_devices(cfg: ConfigDict) -> None:
   if CALIBRATORS[cfg.method] and cfg.calib.num_samples % jax.device_count():
     raise UserError(f"calib.num_samples={cfg.calib.num_samples} must be a multiple of the "
                     f"{jax.device_count()} devices it is sharded over")
+  sharding.make_mesh(cfg.mesh.model)  # the model axis divides the devices
+  if jax.local_device_count() % cfg.mesh.model:
+    raise UserError(f"mesh.model={cfg.mesh.model} does not divide this process's "
+                    f"{jax.local_device_count()} devices, over which it generates its videos: "
+                    "set --config.mesh.model to a divisor of the devices per process")
+
+
+def generation_mesh(cfg: ConfigDict) -> jax.sharding.Mesh | None:
+  """This process's own devices as a (data, model) mesh; None (its first device) at model 1."""
+  return sharding.make_mesh(cfg.mesh.model, jax.local_devices()) if cfg.mesh.model > 1 else None
 
 
 def load_model(cfg: ConfigDict):
@@ -199,7 +210,8 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
     noise, cond, uncond, names = eval_inputs(cfg, model, folder, prompts["eval"], pipe)
   # The per-step noise of a stochastic scheduler: video i draws from fold_in(key, i).
   gen = dict(num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
-             scheduler=scheduler, key=jax.random.fold_in(jax.random.key(cfg.seed), 1))
+             scheduler=scheduler, key=jax.random.fold_in(jax.random.key(cfg.seed), 1),
+             mesh=generation_mesh(cfg))
   with stage("fp_generation", f"generating {len(noise)} full-precision videos"):
     fp_videos = _fp_videos(cfg, model, folder, noise, cond, uncond, gen)
   fp_bytes = multihost.on_writer(lambda: _bf16_file_bytes(model, workdir))
@@ -216,7 +228,7 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
       pool = _calibration_pool(cfg, fp_model, folder, workdir, scheduler, prompts.get("calib"),
                                pipe)
     with stage("calibration", f"calibrating ({cfg.method})"):
-      mesh = jax.make_mesh((jax.device_count(),), ("data",))
+      mesh = sharding.make_mesh(cfg.mesh.model)
       try:
         calibration = calibrator(model, fp_model, pool, cfg, workdir, mesh)
       except ValueError as e:

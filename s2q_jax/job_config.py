@@ -55,6 +55,9 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.mesh.coordinator = ""  # '': one process | host:port of process 0 | auto: discovered
   c.mesh.num_processes = ml_collections.config_dict.placeholder(int)  # with host:port
   c.mesh.process_id = ml_collections.config_dict.placeholder(int)  # 0 … num_processes − 1
+  # Devices along the "model" axis of the (data, model) mesh: large parameters are split
+  # over them (FSDP), so a model larger than one device fits; data = devices / model.
+  c.mesh.model = 1
 
   c.distill = ml_collections.ConfigDict()
   c.distill.enabled = True

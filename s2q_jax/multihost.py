@@ -166,19 +166,22 @@ def gather(part: np.ndarray, n: int) -> np.ndarray:
   return np.asarray(gathered).reshape((-1,) + part.shape[1:])[:n]
 
 
-def put(tree: T, sharding: jax.sharding.Sharding) -> T:
+def put(tree: T, sharding: jax.sharding.Sharding | Any) -> T:
   """`tree`'s values, the same on every process, as global arrays laid out by `sharding`.
 
+  `sharding` is one Sharding for every array or a tree of them matching `tree`.
   Each process fills its own devices' shards from its own copy: nothing is sent
   between processes.
   """
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
 
-  def one(x):
+  def one(x, s):
     value = np.asarray(x)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-  return jax.tree.map(one, tree)
+    return jax.make_array_from_callback(value.shape, s, lambda index: value[index])
+  if isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: one(x, sharding), tree)
+  return jax.tree.map(one, tree, sharding)
 
 
 def local(tree: T) -> T:

@@ -8,9 +8,14 @@ quantization stays on. After every step, values of a type with `bounds` are
 projected back into them (a clipping factor that stepped past 1 would
 otherwise get no gradient again). The loss is the token-weighted MSE unless a method
 passes its own. Calibration samples are
-sharded over a `data` mesh axis: each device computes gradients on its
+sharded over every device of the mesh: each device computes gradients on its
 shard and `pmean` averages them, so any device count gives the same update
-for the same global batch.
+for the same global batch. On a ("data", "model") mesh the block's
+parameters, frozen and learned, and the optimizer state are stored sharded
+over "model" (`s2q_jax.sharding`); each step gathers the block whole for its
+forward and backward pass and updates the shards (FSDP, with the block as
+the unit of gathering; the samples are split over "model" too, so no
+device repeats another's work).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from s2q_jax import multihost
+from s2q_jax import multihost, sharding
 from s2q_jax.distillation.token_importance import weighted_token_mse
 from s2q_jax.quant.qlinear import SmoothScale, WeightClip, project
 
@@ -76,23 +81,27 @@ def _train_step(graphdef, groups: tuple[tuple[type, float], ...], total_steps: i
     y = jnp.concatenate([out_t, out_v], axis=1)
     return loss(jnp.concatenate([tt, tv], axis=1), y, w)
 
+  devices = mesh.axis_names  # the samples are split over all of them
+
   def local_grads(params, rest, rotary, *batch_arrays):
     value, grads = jax.value_and_grad(loss_fn)(params, rest, rotary, *batch_arrays)
-    return jax.lax.pmean(value, "data"), jax.lax.pmean(grads, "data")
+    return jax.lax.pmean(value, devices), jax.lax.pmean(grads, devices)
 
   sharded_grads = jax.shard_map(local_grads, mesh=mesh,
-                                in_specs=(P(), P(), P()) + (P("data"),) * 6,
+                                in_specs=(P(), P(), P()) + (P(devices),) * 6,
                                 out_specs=(P(), P()), check_vma=False)
 
   @jax.jit
   def step(params, rest, opt_state, rotary, *batch_arrays):
-    value, grads = sharded_grads(params, rest, rotary, *batch_arrays)
+    whole_params, whole_rest = sharding.gather((params, rest), mesh)
+    value, grads = sharded_grads(whole_params, whole_rest, rotary, *batch_arrays)
     new_params, new_state = [], []
     for (kind, _), tx, p, g, s in zip(groups, txs, params, grads, opt_state):
       update, s = tx.update(g, s, p)
       new_params.append(jax.tree.map(lambda v: project(v, kind), optax.apply_updates(p, update)))
       new_state.append(s)
-    return tuple(new_params), tuple(new_state), value
+    # Laid out as they came in: the same input shardings at every call, one compilation.
+    return sharding.constrain((tuple(new_params), tuple(new_state)), mesh) + (value,)
 
   return txs, step
 
@@ -119,14 +128,14 @@ def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
   params = tuple(params)
   txs, step = _train_step(graphdef, tuple(groups.items()), cfg.epochs * steps_per_epoch, loss,
                           mesh)
-  # Replicated from the first step on, as the step's outputs are: the same input
-  # shardings at every call, so one compilation serves them all.
-  replicated = NamedSharding(mesh, P())
-  params, rest, rotary = multihost.put((params, rest, rotary), replicated)
-  opt_state = multihost.put(tuple(tx.init(p) for tx, p in zip(txs, params)), replicated)
+  opt_state = tuple(tx.init(p) for tx, p in zip(txs, params))
+  # Laid out as the step's outputs are: the same input shardings at every call.
+  state = (params, rest, opt_state)
+  params, rest, opt_state = multihost.put(state, sharding.shardings(state, mesh))
+  rotary = multihost.put(rotary, NamedSharding(mesh, P()))
 
   arrays = (data.video, data.text, data.temb, data.target_video, data.target_text, data.weights)
-  sharding = NamedSharding(mesh, P("data"))
+  split = NamedSharding(mesh, P(mesh.axis_names))
   rng = np.random.default_rng(cfg.seed)
   history = []
   for epoch in range(cfg.epochs):
@@ -134,14 +143,14 @@ def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
     losses = []
     for i in range(steps_per_epoch):
       idx = order[i * batch:(i + 1) * batch]
-      shard = [multihost.put(np.asarray(a[idx]), sharding) for a in arrays]
+      shard = [multihost.put(np.asarray(a[idx]), split) for a in arrays]
       params, opt_state, value = step(params, rest, opt_state, rotary, *shard)
       losses.append(value)  # read at the epoch's end: a read per step would stall dispatch
     history.append(float(np.mean(jax.device_get(losses))))
     if not np.isfinite(history[-1]):
-      nnx.update(block, *multihost.local(params))
+      nnx.update(block, *multihost.local(sharding.replicate(params, mesh)))
       raise NonFiniteLoss(f"loss became {history[-1]}")
     if on_epoch is not None:
       on_epoch(epoch, history[-1])
-  nnx.update(block, *multihost.local(params))
+  nnx.update(block, *multihost.local(sharding.replicate(params, mesh)))
   return history
