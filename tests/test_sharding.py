@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from s2q_jax import job, sharding
+from s2q_jax import job, pipeline, sharding
 from s2q_jax.errors import UserError
 from s2q_jax.job_config import base_config
 
@@ -36,7 +36,7 @@ def test_mesh_errors_say_what_to_set():
   n = jax.device_count()
   with pytest.raises(UserError, match=rf"mesh.model={n + 1} does not divide the {n} devices"):
     sharding.make_mesh(n + 1)
-  cfg = base_config(4, 6, "rtn")
+  cfg, _ = pipeline.resolve(base_config(4, 6, "rtn"))  # as the job does before validating
   cfg.mesh.model = -2
   with pytest.raises(UserError, match="mesh.model=-2 must be a positive integer"):
     job.validate(cfg)
