@@ -33,11 +33,11 @@ def _leftovers(folder):
 
 
 def test_disk_full_while_writing_a_gif(tmp_path, monkeypatch):
-  def half_written(path, videos, **kwargs):
+  def half_written(path, frames, **kwargs):
     with open(path, "wb") as f:
       f.write(b"GIF89a")  # what a full disk leaves: the start of the file
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-  monkeypatch.setattr(gif, "save_side_by_side", half_written)
+  monkeypatch.setattr(gif, "save_gif", half_written)
   workdir = tmp_path / "w"
   with pytest.raises(UserError) as e:
     job.run(tiny_config(workdir, **{"eval.num_videos": 1}))
