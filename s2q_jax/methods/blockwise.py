@@ -106,17 +106,31 @@ def init_smoothing(layers: list[tuple[str, QuantLinear]], inputs: dict, alpha: f
     layer.smooth = SmoothScale(s)
 
 
-def freeze_block(layers, inputs: dict, use_gptq: bool) -> None:
-  """Fixes each layer's codes: GPTQ for its current scales on `inputs`, or round-to-nearest."""
+def layer_hessians(block, paths: set[str], arrays: tuple, rotary) -> dict[str, jax.Array]:
+  """{layer path: Σ xᵀx over its (transformed) inputs} when `block` runs on `arrays`.
+
+  Summed batch by batch, so only one batch of layer inputs is alive at a time:
+  all 40 samples' inputs of a block at full length would be tens of GiB.
+  """
+  hessians: dict[str, jax.Array | None] = {p: None for p in paths}
+  with recording(block, paths) as collect:
+    for i in range(0, len(arrays[0]), 8):
+      _apply_block(block, *(a[i:i + 8] for a in arrays), rotary)
+      for p, xs in collect().items():
+        for x in xs:
+          hessians[p] = accumulate_hessian(hessians[p], x)
+  return hessians
+
+
+def freeze_block(layers, hessians: dict | None) -> None:
+  """Fixes each layer's codes: GPTQ for its current scales and input Hessian, or
+  round-to-nearest when `hessians` is None."""
   for path, layer in layers:
-    if not use_gptq:
+    if hessians is None:
       layer.freeze()
       continue
-    h = None
-    for x in inputs[path]:
-      h = accumulate_hessian(h, x)
     try:
-      layer.freeze(gptq_quantize(layer.effective_kernel(), h, layer.weight_scales(),
+      layer.freeze(gptq_quantize(layer.effective_kernel(), hessians[path], layer.weight_scales(),
                                  bits=layer.w_bits))
     except ValueError as e:
       raise ValueError(f"{path}: {e}") from None
@@ -203,8 +217,8 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
         raise UserError(f"calibration diverged in block {b} ({e}); every layer's parameters "
                         "are finite, so the activations overflowed: lower the learning rates")
       _check_finite(b, layers)
-    freeze_block(layers, _layer_inputs(q_block, paths, (video_q, text_q, temb_q), rotary),
-                 recipe.gptq)
+    freeze_block(layers, layer_hessians(q_block, paths, (video_q, text_q, temb_q), rotary)
+                 if recipe.gptq else None)
     video_q, text_q = run(q_block, video_q, text_q, temb_q)
     video, text = target_v, target_t
     err = float(np.mean((np.concatenate([text_q, video_q], 1) -
