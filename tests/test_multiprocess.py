@@ -21,7 +21,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from conversion.flax_to_diffusers import save_diffusers
-from s2q_jax import job, multihost
+from s2q_jax import job, multihost, pipeline
 from s2q_jax.deploy import WEIGHTS_NAME
 from s2q_jax.errors import UserError
 from s2q_jax.job_config import base_config
@@ -163,7 +163,7 @@ def _checkpoint(workdir):
     (dict(coordinator="10.0.0.2:1234", num_processes=0, process_id=0), "at least 1"),
 ])
 def test_bad_mesh_settings_say_what_to_set(mesh, fragment):
-  cfg = base_config(4, 6, "s2q")
+  cfg, _ = pipeline.resolve(base_config(4, 6, "s2q"))  # as the job does before validating
   cfg.mesh.update(mesh)
   with pytest.raises(UserError, match=fragment):
     job.validate(cfg)
@@ -182,7 +182,7 @@ def test_the_replaced_key_names_its_successor():
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "calib.distributed was replaced by mesh.coordinator" in proc.stderr
-  cfg = base_config(4, 6, "s2q")  # a config file of an older version that still sets it
-  cfg.calib.distributed = True
+  cfg, _ = pipeline.resolve(base_config(4, 6, "s2q"))
+  cfg.calib.distributed = True  # a config file of an older version that still sets it
   with pytest.raises(UserError, match="mesh.coordinator=auto"):
     job.validate(cfg)
