@@ -6,7 +6,9 @@ band a real model's 480×720 frames.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import os
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -60,6 +62,26 @@ def write_side_by_side(stem: str, videos: Sequence[np.ndarray], *, scale: int,
   return paths
 
 
+@contextlib.contextmanager
+def _ffmpeg_started_without_preexec() -> Iterator[None]:
+  """imageio-ffmpeg starts ffmpeg with `preexec_fn=os.setpgrp` unless this variable is set.
+
+  A `preexec_fn` makes Python fork the whole (multithreaded) JAX process, which JAX warns
+  about on every video and which can deadlock; without it the child is spawned directly.
+  The cost is that Ctrl-C reaches ffmpeg too, which is what an interrupted job wants.
+  """
+  name = "IMAGEIO_FFMPEG_NO_PREVENT_SIGINT"
+  before = os.environ.get(name)
+  os.environ[name] = "1"
+  try:
+    yield
+  finally:
+    if before is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = before
+
+
 def _save_mp4(path: str, frames: np.ndarray, fps: float) -> None:
   """H.264 in yuv420p (what players accept), which needs even sizes: odd ones get a white edge."""
   import imageio_ffmpeg  # pylint: disable=import-outside-toplevel
@@ -68,7 +90,8 @@ def _save_mp4(path: str, frames: np.ndarray, fps: float) -> None:
   padded[:, :h, :w] = frames
   writer = imageio_ffmpeg.write_frames(path, (w + w % 2, h + h % 2), fps=fps, codec="libx264",
                                        pix_fmt_out="yuv420p", macro_block_size=1)
-  writer.send(None)
+  with _ffmpeg_started_without_preexec():
+    writer.send(None)  # the generator starts ffmpeg here
   for frame in padded:
     writer.send(np.ascontiguousarray(frame))
   writer.close()
