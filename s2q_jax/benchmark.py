@@ -9,10 +9,10 @@
 Random weights at the preset's size, quantized with the main job's default
 layer rules at W4A6 (`job_config.base_config(4, 6, "rtn")`), exported as the
 job exports them. Each back-end is timed with the activation quantization
-fused into the norm + modulation (`s2q_jax.fused_quant`, as `load_pretrained`
-deploys) and, with `--unfused`, also without ("w4a6 <backend> unfused").
-Storage is measured from files, headers included, as the
-job reports it: the model saved as a bf16 diffusers safetensors file against
+fused into the norm + modulation (`s2q_jax.fused_quant`, as
+`s2q_jax.pretrained.load_pretrained` deploys) and, with `--unfused`, also
+without ("w4a6 <backend> unfused"). Storage is measured from files, headers
+included, as the job reports it: the model saved as a bf16 diffusers safetensors file against
 the quantized checkpoint's weights file. Timing (skipped by --storage-only):
 one forward (batch 1, no guidance) on the preset's latent video, bf16 and
 deployed W4A6 in bf16 on each back-end; warm-up, then `--reps` calls with one
@@ -37,7 +37,8 @@ from pallas_kernels.benchmark import environment as kernel_environment
 from pallas_kernels.timing import loop_time
 from s2q_jax import deploy, quant
 from s2q_jax.job_config import base_config
-from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
+from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
+from s2q_jax.pretrained import load_pretrained
 
 PRESETS = {
     # CogVideoX at 49 frames 480×720: 13 latent frames of 60×90 → 17,550 video tokens + 226 text.

@@ -9,8 +9,8 @@ bias, any channel shift, smoothing vector and Kronecker transform factors
 quantized per timestep range (ViDiT-Q) are stored as one layer per range,
 `<path>.ranges.<i>`, with the range boundaries in config.json. Calibration already uses these float16 values and
 `round_fp_params` rounds the rest, so the checkpoint reproduces the evaluated
-model exactly. `load_pretrained` recognises the folder and returns a model
-whose quantized layers are `DeployedLinear`s running `w4a6_matmul`.
+model exactly. `s2q_jax.pretrained.load_pretrained` recognises the folder and
+returns a model whose quantized layers are `DeployedLinear`s running `w4a6_matmul`.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 from pallas_kernels import QuantizedWeight, int8_matmul, packing, reference, w4a6_matmul
 from pallas_kernels.weights import dequantize_weight
 from s2q_jax.fused_quant import ModulatedTokens, fuse_activation_quantization
+from s2q_jax.models.loading import FORMAT_KEY, QUANTIZED_FORMAT, abstract_model
 from s2q_jax.models.params import flat_params, load_flat_params
 from s2q_jax.quant.apply import quantized_layers, replace_module
 from s2q_jax.quant import kronecker, quantizer, token_estimator
@@ -35,7 +36,7 @@ from s2q_jax.quant.token_estimator import TokenAwareLinear
 from s2q_jax.quant.qlinear import QuantParam
 
 WEIGHTS_NAME = "quantized_model.safetensors"
-FORMAT = "quantized"
+FORMAT = QUANTIZED_FORMAT
 FP_DTYPE = jnp.bfloat16  # storage of the full-precision parameters and biases
 # A quantized layer's float arrays; the quantizer rounds scales and smoothing to
 # float16 during calibration already, and a rotation's orthogonality needs float32.
@@ -199,7 +200,7 @@ def export_quantized(model: nnx.Module, folder: str) -> None:
   save_file(tensors, os.path.join(folder, WEIGHTS_NAME))
   ranges = {p: m.boundaries for p, m in _modules_of(model, TimestepRangeLinear)}
   config = {**model.config.to_dict(),
-            "_s2q_jax": {"format": FORMAT, "layers": layers, "timestep_ranges": ranges}}
+            FORMAT_KEY: {"format": FORMAT, "layers": layers, "timestep_ranges": ranges}}
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
 
@@ -224,12 +225,11 @@ def weights_file_bytes(folder: str) -> int:
 
 def load_quantized(folder: str, config, meta: dict, *, backend: str = "auto",
                    dtype=jnp.float32, fuse_act_quant: bool = True) -> nnx.Module:
-  """Builds the model of a quantized checkpoint (see `load_pretrained`).
+  """Builds the model of a quantized checkpoint (see `s2q_jax.pretrained.load_pretrained`).
 
   `fuse_act_quant`: activation quantization computed inside the producer's fusion
   (`s2q_jax.fused_quant`) wherever a block supports it.
   """
-  from s2q_jax.models.loading import abstract_model  # pylint: disable=import-outside-toplevel
   model = abstract_model(config, dtype)
   for path, boundaries in meta.get("timestep_ranges", {}).items():
     # Placeholders for each range's layer, replaced by their DeployedLinear below.

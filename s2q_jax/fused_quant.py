@@ -32,7 +32,7 @@ codes do not come from a stored copy of the modulated activations:
 
 `fuse_activation_quantization(model)` installs this dataflow in the blocks that
 support it (every layer reading the modulated tokens quantizes its input);
-`load_pretrained` of a quantized checkpoint does so by default. What stays:
+`s2q_jax.pretrained.load_pretrained` of a quantized checkpoint does so by default. What stays:
 each token's absmax is a row reduction, so the values are computed twice (once
 for the absmax, once for the codes); XLA on CPU stores the reduction's input
 (its reductions do not fuse with producers), XLA on GPU can fuse the

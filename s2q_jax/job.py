@@ -29,7 +29,8 @@ from s2q_jax.calibration import pool as pool_lib
 from s2q_jax.generation import generate
 from s2q_jax.job_validation import REPLACED_DISTRIBUTED, validate, validate_devices  # noqa: F401
 from s2q_jax.methods import CALIBRATORS
-from s2q_jax.models import CogVideoXTransformer3D, UnsupportedConfigError, load_pretrained
+from s2q_jax.models import CogVideoXTransformer3D, UnsupportedConfigError
+from s2q_jax.pretrained import load_pretrained
 from s2q_jax.sampling import sample_keys
 from s2q_jax.sampling.scheduler_config import scheduler_for
 

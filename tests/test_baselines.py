@@ -10,7 +10,8 @@ from s2q_jax import deploy, quant
 from s2q_jax.calibration.pool import build_pool
 from s2q_jax.job_config import base_config
 from s2q_jax.methods import CALIBRATORS, q_vdit, qvd, vidit_q
-from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
+from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
+from s2q_jax.pretrained import load_pretrained
 from s2q_jax.models.layers import Linear
 from s2q_jax.quant.timestep_ranges import TimestepRangeLinear
 from s2q_jax.quant.token_estimator import TokenAwareLinear, token_frame_scale

@@ -9,7 +9,8 @@ from flax import nnx
 
 from s2q_jax import deploy, quant
 from s2q_jax.job_config import base_config
-from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
+from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
+from s2q_jax.pretrained import load_pretrained
 
 CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=32, in_channels=3, out_channels=3,
                       time_embed_dim=32, text_embed_dim=24, num_layers=2, sample_width=16,
@@ -87,6 +88,16 @@ def test_export_reports_unquantized_model_clearly(tmp_path):
   reloaded = load_pretrained(str(tmp_path))
   x, text, t = _inputs()
   np.testing.assert_allclose(reloaded(x, text, t), model(x, text, t), rtol=0.05, atol=0.05)
+
+
+def test_models_loader_refuses_quantized_checkpoint(tmp_path):
+  """`s2q_jax.models` does not build deployed layers (deploy depends on it): its loader
+  names the one that does, instead of returning a model without the quantized layers."""
+  from conversion.checkpoint_files import CheckpointError  # pylint: disable=import-outside-toplevel
+  from s2q_jax import models  # pylint: disable=import-outside-toplevel
+  deploy.export_quantized(CogVideoXTransformer3D(CFG, rngs=nnx.Rngs(0)), str(tmp_path))
+  with pytest.raises(CheckpointError, match="is a quantized checkpoint .*s2q_jax.pretrained"):
+    models.load_pretrained(str(tmp_path))
 
 
 def _at(model, dotted):

@@ -11,7 +11,8 @@ from flax import nnx
 from pallas_kernels import reference
 from s2q_jax import deploy, fused_quant, quant
 from s2q_jax.job_config import base_config
-from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
+from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
+from s2q_jax.pretrained import load_pretrained
 from s2q_jax.models.cogvideox import CogVideoXBlock
 
 CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=32, in_channels=3, out_channels=3,

@@ -123,7 +123,7 @@ def test_deployed_layer_equals_frozen_fake_quant_with_every_learned_part(tmp_pat
   quant.freeze_all(model)
   deploy.round_fp_params(model)
   deploy.export_quantized(model, str(tmp_path))
-  from s2q_jax.models import load_pretrained  # pylint: disable=import-outside-toplevel
+  from s2q_jax.pretrained import load_pretrained  # pylint: disable=import-outside-toplevel
   deployed = load_pretrained(str(tmp_path), backend="reference")
   x, c, t = _x((1, 2, 3, 8, 8), 11), _x((1, 4, 16), 12), jnp.array([300])
   np.testing.assert_allclose(deployed(x, c, t), model(x, c, t), rtol=1e-4, atol=1e-5)

@@ -15,7 +15,8 @@ from s2q_jax import deploy, quant
 from s2q_jax.calibration.pool import build_pool
 from s2q_jax.job_config import base_config
 from s2q_jax.methods import s2q
-from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrained
+from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
+from s2q_jax.pretrained import load_pretrained
 
 CFG = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, in_channels=3, out_channels=3,
                       time_embed_dim=32, text_embed_dim=16, num_layers=2, sample_width=8,

@@ -5,12 +5,15 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Collection
 from typing import Any
 
 DIFFUSERS_CLASS_NAME = "CogVideoXTransformer3DModel"
 
-# Fields diffusers writes that do not change the inference graph.
-_IGNORED_FIELDS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "dropout"})
+# A field diffusers writes that does not change the inference graph (besides its metadata).
+_IGNORED_FIELDS = frozenset({"dropout"})
+# The end of the missing-field warning of configs whose defaults are diffusers'.
+_ADVICE = "; add the field if the model was trained otherwise"
 
 
 class UnsupportedConfigError(ValueError):
@@ -21,21 +24,46 @@ class MissingConfigFieldWarning(UserWarning):
   """A config.json lacks a field that changes the model's function; its default is taken."""
 
 
-def warn_missing_fields(d: dict[str, Any], origin: str, config_cls: type | None = None) -> None:
+def warn_missing_fields(d: dict[str, Any], origin: str, config_cls: type | None = None, *,
+                        defaults: str = "the",
+                        advice: str = " (diffusers fills the same defaults)" + _ADVICE,
+                        optional: Collection[str] = (), stacklevel: int = 2) -> None:
   """Warns naming each field of `config_cls` (default `CogVideoXConfig`) that `d` lacks.
 
   Every field of a model config changes the computed function (metadata such
   as `_diffusers_version` is not a field), and a model trained with another
   value silently computes something else, e.g. 2B-style sincos positions for a
-  5B that needs RoPE.
+  5B that needs RoPE. The warning says "taking {defaults} default(s) ...{advice}";
+  `optional` fields are not named, and `stacklevel` is `warnings.warn`'s.
   """
-  missing = [f for f in dataclasses.fields(config_cls or CogVideoXConfig) if f.name not in d]
+  missing = [f for f in dataclasses.fields(config_cls or CogVideoXConfig)
+             if f.name not in d and f.name not in optional]
   if missing:
     warnings.warn(
-        f"{origin} has no {', '.join(f.name for f in missing)}: taking the default"
-        f"{'s' if len(missing) > 1 else ''} {', '.join(f'{f.name}={f.default!r}' for f in missing)} "
-        "(diffusers fills the same defaults); add the field if the model was trained otherwise",
-        MissingConfigFieldWarning, stacklevel=2)
+        f"{origin} has no {', '.join(f.name for f in missing)}: taking {defaults} default"
+        f"{'s' if len(missing) > 1 else ''} {', '.join(f'{f.name}={f.default!r}' for f in missing)}"
+        f"{advice}", MissingConfigFieldWarning, stacklevel=stacklevel)
+
+
+def read_fields(config_cls: type, d: dict[str, Any], class_name: str, *,
+                wrong_class: str | None = None, unknown: str = "config fields not supported",
+                ignored: Collection[str] = ()) -> dict[str, Any]:
+  """The entries of `d` (a config.json) that are fields of `config_cls`, once `d` is checked.
+
+  A `_class_name` other than `class_name` raises `UnsupportedConfigError`
+  "config _class_name is '<found>'" followed by `wrong_class` (default
+  ", not <class_name>"); so do entries that are neither fields, `ignored`, nor
+  metadata (a leading "_"): "<unknown>: <their names>".
+  """
+  found = d.get("_class_name", class_name)
+  if found != class_name:
+    raise UnsupportedConfigError(f"config _class_name is {found!r}"
+                                 + (f", not {class_name}" if wrong_class is None else wrong_class))
+  known = {f.name for f in dataclasses.fields(config_cls)}
+  names = sorted(k for k in d if k not in known and k not in ignored and not k.startswith("_"))
+  if names:
+    raise UnsupportedConfigError(f"{unknown}: {', '.join(names)}")
+  return {k: v for k, v in d.items() if k in known}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,16 +139,8 @@ class CogVideoXConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "CogVideoXConfig":
-    class_name = d.get("_class_name", DIFFUSERS_CLASS_NAME)
-    if class_name != DIFFUSERS_CLASS_NAME:
-      raise UnsupportedConfigError(
-          f"config _class_name is {class_name!r}; s2q-jax supports {DIFFUSERS_CLASS_NAME}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in d if k not in known and k not in _IGNORED_FIELDS
-                     and not k.startswith("_"))
-    if unknown:
-      raise UnsupportedConfigError(f"config fields not supported: {', '.join(unknown)}")
-    return cls(**{k: v for k, v in d.items() if k in known})
+    return cls(**read_fields(cls, d, DIFFUSERS_CLASS_NAME, ignored=_IGNORED_FIELDS,
+                             wrong_class=f"; s2q-jax supports {DIFFUSERS_CLASS_NAME}"))
 
   def to_dict(self) -> dict[str, Any]:
     return {"_class_name": DIFFUSERS_CLASS_NAME, **dataclasses.asdict(self)}

@@ -5,6 +5,9 @@ A converted checkpoint is a folder with diffusers' `config.json` (plus an
 Models are built abstractly (`nnx.eval_shape`) and filled with the loaded
 arrays, so loading never holds a second, randomly initialised copy. The
 config's `_class_name` picks the model family from `ARCHITECTURES`.
+
+Quantized checkpoints (`s2q_jax.deploy`) are recognised here but built
+downstream: `s2q_jax.pretrained.load_pretrained` loads every kind of folder.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from s2q_jax.models.params import flat_params, load_flat_params, param_shapes
 
 FORMAT_KEY = "_s2q_jax"
 PARAMS_DIR = "params"
+QUANTIZED_FORMAT = "quantized"  # `FORMAT_KEY`'s "format" in checkpoints `s2q_jax.deploy` writes
 
 
 def _read_cogvideox_config(d: dict, origin: str) -> CogVideoXConfig:
@@ -151,10 +155,11 @@ def is_converted(folder: str) -> bool:
 
 
 def read_config(folder: str) -> ModelConfig:
-  return _read_config(folder)[0]
+  return read_config_and_meta(folder)[0]
 
 
-def _read_config(folder: str) -> tuple[ModelConfig, dict]:
+def read_config_and_meta(folder: str) -> tuple[ModelConfig, dict]:
+  """(model config, the config.json's `FORMAT_KEY` entry: {} for a diffusers folder)."""
   with open(config_path(folder)) as f:
     try:
       raw = json.load(f)
@@ -168,22 +173,27 @@ def _read_config(folder: str) -> tuple[ModelConfig, dict]:
   return ARCHITECTURES[class_name].read_config(raw, config_path(folder)), meta
 
 
-def load_pretrained(path: str, dtype=None, *, allow_pickle: bool = False,
-                    backend: str = "auto", fuse_act_quant: bool = True) -> nnx.Module:
-  """Loads a diffusers folder, a converted checkpoint or a quantized checkpoint.
+def load_pretrained(path: str, dtype=None, *, allow_pickle: bool = False) -> nnx.Module:
+  """Loads a diffusers folder or a converted checkpoint.
 
   The model family (CogVideoX, Wan, HunyuanVideo) follows the config's `_class_name`.
-
-  `dtype` None keeps the stored dtype (float32 compute for quantized
-  checkpoints); otherwise parameters are cast to it. `backend` selects the
-  matmul kernels of a quantized checkpoint (see `pallas_kernels.BACKENDS`), and
-  `fuse_act_quant` whether its activation quantization is fused into the
-  producers (`s2q_jax.fused_quant`).
+  `dtype` None keeps the stored dtype; otherwise parameters are cast to it.
+  Quantized checkpoints are refused: `s2q_jax.pretrained.load_pretrained`
+  loads them too.
   """
   path = os.fspath(path)
-  model = _load(path, dtype, allow_pickle, backend, fuse_act_quant)
+  config, meta = read_config_and_meta(path)
+  if is_quantized(meta):
+    raise CheckpointError(f"{path} is a quantized checkpoint (s2q_jax.deploy): load it with "
+                          "s2q_jax.pretrained.load_pretrained")
+  model = load_full_precision(path, config, meta, dtype, allow_pickle=allow_pickle)
   check_finite_weights(model, path)
   return model
+
+
+def is_quantized(meta: dict) -> bool:
+  """Whether `meta` (from `read_config_and_meta`) is a quantized checkpoint's."""
+  return meta.get("format") == QUANTIZED_FORMAT
 
 
 def check_finite_weights(model: nnx.Module, path: str, show: int = 3) -> None:
@@ -205,12 +215,10 @@ def check_finite_weights(model: nnx.Module, path: str, show: int = 3) -> None:
                           "the checkpoint is corrupt or was saved from a diverged training run")
 
 
-def _load(path: str, dtype, allow_pickle: bool, backend: str, fuse_act_quant: bool) -> nnx.Module:
-  config, meta = _read_config(path)
-  if meta.get("format") == "quantized":
-    from s2q_jax.deploy import load_quantized  # pylint: disable=import-outside-toplevel
-    return load_quantized(path, config, meta, backend=backend, dtype=dtype or jnp.float32,
-                          fuse_act_quant=fuse_act_quant)
+def load_full_precision(path: str, config: ModelConfig, meta: dict, dtype=None, *,
+                        allow_pickle: bool = False) -> nnx.Module:
+  """The model of the diffusers folder or converted checkpoint `path`, whose config.json
+  `read_config_and_meta` read as `config`, `meta` (weights not checked for NaN or Inf)."""
   if is_converted(path):
     dtype = dtype or meta.get("dtype", "float32")
     model = abstract_model(config, dtype)

@@ -8,10 +8,9 @@ defaults are transformers' `T5Config`, so its config.json maps one to one.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
-from s2q_jax.models.config import MissingConfigFieldWarning, UnsupportedConfigError
+from s2q_jax.models.config import UnsupportedConfigError, warn_missing_fields
 
 # transformers' names of the feed-forward activations implemented here.
 ACTIVATIONS = ("relu", "gelu", "gelu_new")
@@ -77,13 +76,7 @@ class T5EncoderConfig:
       raise UnsupportedConfigError(
           f"{origin}: is_decoder=true describes a T5 decoder; load the text encoder folder "
           "(a T5EncoderModel or T5ForConditionalGeneration checkpoint)")
-    fields = dataclasses.fields(cls)
-    if missing := [f for f in fields if f.name not in d]:
-      warnings.warn(
-          f"{origin} has no {', '.join(f.name for f in missing)}: taking transformers' "
-          f"default{'s' if len(missing) > 1 else ''} "
-          f"{', '.join(f'{f.name}={f.default!r}' for f in missing)}",
-          MissingConfigFieldWarning, stacklevel=2)
+    warn_missing_fields(d, origin, cls, defaults="transformers'", advice="", stacklevel=3)
     # The rest of a T5 config (dropout, initialisation, decoder and generation
     # settings, dtype) does not change the encoder's inference function.
-    return cls(**{f.name: d[f.name] for f in fields if f.name in d})
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})

@@ -5,15 +5,13 @@ import dataclasses
 import math
 from typing import Any
 
-from s2q_jax.models.config import UnsupportedConfigError
+from s2q_jax.models.config import UnsupportedConfigError, read_fields
 
 VAE_CLASS_NAME = "AutoencoderKLCogVideoX"
 UP_BLOCK = "CogVideoXUpBlock3D"
 DOWN_BLOCK = "CogVideoXDownBlock3D"
 # diffusers' `get_activation` names; the decoder uses `act_fn` inside its resnets.
 ACTIVATIONS = ("silu", "swish", "mish", "gelu", "relu")
-
-_IGNORED_FIELDS = frozenset({"_class_name", "_diffusers_version", "_name_or_path"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,17 +89,9 @@ class CogVideoXVAEConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "CogVideoXVAEConfig":
-    class_name = d.get("_class_name", VAE_CLASS_NAME)
-    if class_name != VAE_CLASS_NAME:
-      raise UnsupportedConfigError(
-          f"config _class_name is {class_name!r}, not {VAE_CLASS_NAME!r}: pass the 'vae' "
-          "sub-folder of a CogVideoX pipeline")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in d if k not in known and k not in _IGNORED_FIELDS
-                     and not k.startswith("_"))
-    if unknown:
-      raise UnsupportedConfigError(f"VAE config fields not supported: {', '.join(unknown)}")
-    return cls(**{k: v for k, v in d.items() if k in known})
+    return cls(**read_fields(cls, d, VAE_CLASS_NAME, unknown="VAE config fields not supported",
+                             wrong_class=f", not {VAE_CLASS_NAME!r}: pass the 'vae' sub-folder "
+                             "of a CogVideoX pipeline"))
 
   def to_dict(self) -> dict[str, Any]:
     return {"_class_name": VAE_CLASS_NAME, **dataclasses.asdict(self)}

@@ -4,12 +4,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from s2q_jax.models.config import UnsupportedConfigError, warn_missing_fields
+from s2q_jax.models.config import UnsupportedConfigError, read_fields, warn_missing_fields
 
 DIFFUSERS_CLASS_NAME = "HunyuanVideoTransformer3DModel"
-
-# Fields diffusers writes that do not change the inference graph.
-_IGNORED_FIELDS = frozenset({"_class_name", "_diffusers_version", "_name_or_path"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +70,7 @@ class HunyuanVideoConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "HunyuanVideoConfig":
-    class_name = d.get("_class_name", DIFFUSERS_CLASS_NAME)
-    if class_name != DIFFUSERS_CLASS_NAME:
-      raise UnsupportedConfigError(
-          f"config _class_name is {class_name!r}, not {DIFFUSERS_CLASS_NAME}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in d if k not in known and k not in _IGNORED_FIELDS
-                     and not k.startswith("_"))
-    if unknown:
-      raise UnsupportedConfigError(f"config fields not supported: {', '.join(unknown)}")
-    return cls(**{k: v for k, v in d.items() if k in known})
+    return cls(**read_fields(cls, d, DIFFUSERS_CLASS_NAME))
 
   @classmethod
   def from_diffusers(cls, d: dict[str, Any], origin: str) -> "HunyuanVideoConfig":

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
-from s2q_jax.models.config import MissingConfigFieldWarning, UnsupportedConfigError
+from s2q_jax.models.config import UnsupportedConfigError, read_fields, warn_missing_fields
 
 DIFFUSERS_CLASS_NAME = "WanTransformer3DModel"
 
-# Metadata diffusers writes; none of it changes the computed function.
-_IGNORED_FIELDS = frozenset({"_class_name", "_diffusers_version", "_name_or_path"})
 # Added to diffusers with Wan 2.1 FLF2V; configs written before it lack the field and mean None.
 _OPTIONAL_FIELDS = frozenset({"pos_embed_seq_len"})
 # diffusers builds RMSNorm over all heads for q and k whatever `qk_norm` says; this is the
@@ -82,29 +79,15 @@ class WanConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "WanConfig":
-    if d.get("_class_name", DIFFUSERS_CLASS_NAME) != DIFFUSERS_CLASS_NAME:
-      raise UnsupportedConfigError(
-          f"config _class_name is {d['_class_name']!r}, not {DIFFUSERS_CLASS_NAME}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in d if k not in known and k not in _IGNORED_FIELDS
-                     and not k.startswith("_"))
-    if unknown:
-      raise UnsupportedConfigError(f"config fields not supported for {DIFFUSERS_CLASS_NAME}: "
-                                   f"{', '.join(unknown)}")
-    return cls(**{k: v for k, v in d.items() if k in known})
+    return cls(**read_fields(cls, d, DIFFUSERS_CLASS_NAME,
+                             unknown=f"config fields not supported for {DIFFUSERS_CLASS_NAME}"))
 
   @classmethod
   def from_diffusers(cls, d: dict[str, Any], origin: str) -> "WanConfig":
     """`from_dict`, warning about missing fields that change the function (as CogVideoX does)."""
-    missing = [f for f in dataclasses.fields(cls) if f.name not in d and f.name not in
-               _OPTIONAL_FIELDS]
-    if missing:
-      warnings.warn(
-          f"{origin} has no {', '.join(f.name for f in missing)}: taking diffusers' default"
-          f"{'s' if len(missing) > 1 else ''} "
-          f"{', '.join(f'{f.name}={f.default!r}' for f in missing)}; "
-          "add the field if the model was trained otherwise", MissingConfigFieldWarning,
-          stacklevel=2)
+    warn_missing_fields(d, origin, cls, defaults="diffusers'",
+                        advice="; add the field if the model was trained otherwise",
+                        optional=_OPTIONAL_FIELDS, stacklevel=3)
     return cls.from_dict(d)
 
   def to_dict(self) -> dict[str, Any]:
