@@ -9,7 +9,9 @@ import io
 import json
 import os
 import shutil
+import warnings
 
+import jax
 import numpy as np
 import pytest
 
@@ -264,3 +266,17 @@ def test_side_by_side_files_gif_always_mp4_when_ffmpeg_is_there(tmp_path, monkey
   # 2 panels of 9 px and a 2 px gap: 20 × 7, padded to an even 20 × 8 for yuv420p.
   assert tuple(meta["size"]) == (20, 8) and len(frames) == 5
   assert os.path.getsize(gif_path) > 0 and not list(tmp_path.glob("*partial*"))
+
+
+def test_writing_an_mp4_does_not_fork_the_process(tmp_path):
+  """ffmpeg is spawned, not started through a fork of this multithreaded JAX process
+  (JAX warns on every fork, and a fork of a threaded process can deadlock)."""
+  pytest.importorskip("imageio_ffmpeg")
+  jax.numpy.ones(2).block_until_ready()  # JAX's threads are up
+  forks = []
+  os.register_at_fork(before=lambda: forks.append(1))
+  videos = [np.zeros((2, 3, 8, 8))]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    pipeline.write_side_by_side(str(tmp_path / "v"), videos, scale=1)
+  assert not forks and os.environ.get("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT") is None
