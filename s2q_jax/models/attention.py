@@ -15,17 +15,34 @@ from s2q_jax.models.embeddings import apply_rotary
 from s2q_jax.models.layers import LayerNorm, Linear
 
 
+# On CPU, (B, H, S_q, S_k) float32 logits up to this size are computed in one piece. Beyond
+# it (CogVideoX-2B at 17,776 tokens: 38 GB per sample, several of them alive in a training
+# step's backward pass) queries go in tiles whose logits stay near this size. 256 MiB keeps every
+# measured small-model result on the one-piece path (the embedded model: 4 heads × 520² × 4 B
+# = 4.3 MB per sample) and bounds the one-piece path's fwd+bwd temporaries to a few GiB.
+MAX_MAP_BYTES = 256 * 2**20
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """softmax(q kᵀ/√d) v for (B, H, S, D) inputs.
+  """softmax(q kᵀ/√d) v for (B, H, S, D) inputs (keys and values may have another S).
 
   Accelerators get `jax.nn.dot_product_attention` (cuDNN / fused kernels where
   they apply). On CPU, where calibration runs in tests and small jobs, the
   generic implementation is about 2× slower forward and backward than
-  normalising after the value product, as done here.
+  normalising after the value product, as done here; long sequences use
+  `tiled_attention` (see MAX_MAP_BYTES).
   """
   if jax.default_backend() != "cpu":
     out = jax.nn.dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2))
     return out.swapaxes(1, 2)
+  b, h, s_q, _ = q.shape
+  row_bytes = b * h * k.shape[2] * 4  # one query's float32 logits over all heads and batch
+  if row_bytes * s_q <= MAX_MAP_BYTES:
+    return _attention(q, k, v)
+  return tiled_attention(q, k, v, tile=max(1, MAX_MAP_BYTES // row_bytes))
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   # Scaled on q, not on the (S, S) logits: XLA on CPU would materialise the scale at that size.
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -34,6 +51,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
   out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return (out / weights.sum(-1, keepdims=True)).astype(v.dtype)
+
+
+def tiled_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, tile: int) -> jax.Array:
+  """`_attention` on at most `tile` queries at a time: O(B·H·tile·S_k) memory, not O(S_q·S_k).
+
+  Each query's softmax spans all keys, so tiles are independent and exact. The
+  loop (`lax.map`) reuses one tile's buffers; `jax.checkpoint` makes the
+  backward pass recompute each tile's weights instead of storing them all.
+  """
+  b, h, s_q, d = q.shape
+  n = -(-s_q // tile)
+  tile = -(-s_q // n)  # as even as possible: the padding is under one query per tile
+  # Padded queries are zeros (uniform weights, finite) and are cut off below.
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, n * tile - s_q), (0, 0)))
+  tiles = jnp.moveaxis(q.reshape(b, h, n, tile, d), 2, 0)
+  step = jax.checkpoint(_attention)
+  out = jax.lax.map(lambda qt: step(qt, k, v), tiles)
+  return jnp.moveaxis(out, 0, 2).reshape(b, h, n * tile, v.shape[-1])[:, :, :s_q]
 
 
 class JointAttention(nnx.Module):
