@@ -15,7 +15,7 @@ Rows, in GiB:
 - decoding one 49 × 480 × 720 video (`vae_memory`: largest activation, conv
   cache, output; bf16).
 What the training step itself needs on the device (autodiff residuals, and on
-CPU the materialised attention maps) is not a shape count: `--check` compares
+CPU attention in tiles of at most 256 MiB of logits) is not a shape count: `--check` compares
 the held arrays with the measured peaks in benchmarks/results/.
 """
 from __future__ import annotations
