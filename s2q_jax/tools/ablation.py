@@ -5,7 +5,8 @@
 Variants: s2q (default), the paper's literal global salient selection, band
 quotas ∝ diffusion salience, x̂₀ diffusion salience, uniform selection,
 uniform token weights, no learned Kronecker transform, no learned activation
-clipping. With `--workdir` of a `compare` run the s2q rows are reused. Runs share the model, evaluation noise and conditions,
+clipping, the Kronecker transform started at Hadamard instead of the identity,
+10 selection bands instead of 5. With `--workdir` of a `compare` run the s2q rows are reused. Runs share the model, evaluation noise and conditions,
 FP videos and candidate pool of each seed (`s2q_jax.compare`, whose runner
 this uses); finished runs are not run again. Writes ablation.json / .md / .png.
 """
@@ -25,6 +26,8 @@ VARIANTS = {
     "uniform token weights": ("s2q", {"distill.token_weighting": "uniform"}),
     "no learned transform": ("s2q", {"distill.transform": "none"}),
     "no activation clipping": ("s2q", {"distill.act_clip": False}),
+    "Hadamard transform start": ("s2q", {"distill.transform_init": "hadamard"}),
+    "10 bands": ("s2q", {"calib.bands": 10}),
 }
 
 
