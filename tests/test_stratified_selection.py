@@ -56,10 +56,61 @@ def test_more_bands_than_steps_and_bad_arguments():
   steps = np.repeat(np.arange(3), 2)
   chosen = stratified_indices(np.arange(6.0), np.ones(6), steps, 3, 3, bands=10)
   assert np.bincount(steps[chosen]).tolist() == [1, 1, 1]
-  with pytest.raises(ValueError, match="positive integer"):
-    stratified_indices(np.ones(6), np.ones(6), steps, 3, 3, bands=0)
+  with pytest.raises(ValueError, match="non-negative integer"):
+    stratified_indices(np.ones(6), np.ones(6), steps, 3, 3, bands=-1)
   with pytest.raises(ValueError, match="band quota"):
     stratified_indices(np.ones(6), np.ones(6), steps, 3, 3, bands=1, quota="magic")
+
+
+def test_zero_bands_gives_one_band_per_sample():
+  steps = np.repeat(np.arange(12), 3)
+  c_diff = np.linspace(0.0, 1.0, 36) ** 4
+  chosen = stratified_indices(c_diff, np.ones(36), steps, 12, 4, bands=0)
+  # 4 bands of 3 steps, one sample each: the latest step of each band (C_diff rises).
+  assert steps[chosen].tolist() == [2, 5, 8, 11]
+
+
+def test_prompt_cap_spreads_samples_over_prompts():
+  rng = np.random.default_rng(3)
+  num_steps, num_prompts = 10, 4
+  steps = np.repeat(np.arange(num_steps), num_prompts)
+  prompts = np.tile(np.arange(num_prompts), num_steps)
+  c_diff = rng.uniform(size=40)
+  c_quant = np.where(prompts == 2, 100.0, 1.0) + rng.uniform(size=40)  # prompt 2 dominates
+  uncapped = stratified_indices(c_diff, c_quant, steps, num_steps, 8, bands=8)
+  assert np.sum(prompts[uncapped] == 2) >= 6
+  chosen = stratified_indices(c_diff, c_quant, steps, num_steps, 8, bands=8, prompts=prompts)
+  assert np.bincount(prompts[chosen], minlength=4).tolist() == [2, 2, 2, 2]
+  band = steps * 8 // num_steps
+  assert np.bincount(band[chosen], minlength=8).tolist() == [1] * 8
+  # Each band's choice is its best candidate among the prompts still under the cap, taken
+  # in order of score: brute-force the same rule.
+  score = np.full(40, -np.inf)
+  for b in range(8):
+    m = np.flatnonzero(band == b)
+    score[m] = salient_scores(c_diff[m], c_quant[m])
+  used, open_bands, expected = np.zeros(4, int), set(range(8)), []
+  for i in np.argsort(-score, kind="stable"):
+    if band[i] in open_bands and used[prompts[i]] < 2:
+      expected.append(i), open_bands.discard(band[i])
+      used[prompts[i]] += 1
+  assert sorted(expected) == chosen.tolist()
+
+
+def test_prompt_cap_gives_way_when_a_band_has_no_other_prompt():
+  steps = np.repeat(np.arange(4), 2)
+  prompts = np.array([0, 1, 0, 1, 0, 0, 0, 0])  # steps 2 and 3 hold prompt 0 only
+  chosen = stratified_indices(np.ones(8), np.ones(8), steps, 4, 4, bands=4, prompts=prompts)
+  assert np.bincount(steps[chosen], minlength=4).tolist() == [1, 1, 1, 1]
+
+
+def test_pool_prompt_index_follows_the_step_major_order(pool):
+  idx = pool.prompt_index()
+  assert idx.tolist() == [0, 1, 0, 1, 0, 1]
+  for p in (0, 1):
+    np.testing.assert_array_equal(pool.conditions[idx == p], pool.conditions[[p] * 3])
+  with pytest.raises(ValueError, match="step-major"):
+    pool.take(np.array([1, 2, 3])).prompt_index()
 
 
 def test_predicted_x0_inverts_the_ddim_step():

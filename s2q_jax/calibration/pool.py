@@ -33,6 +33,15 @@ class Pool:
   def __len__(self) -> int:
     return len(self.timesteps)
 
+  def prompt_index(self) -> np.ndarray:
+    """(N,) which calibration prompt each position comes from (`build_pool`'s step-major order)."""
+    steps = np.asarray(self.steps)
+    per_step = int(np.sum(steps == 0))
+    if per_step == 0 or len(steps) % per_step or not np.array_equal(
+        steps, np.repeat(np.arange(len(steps) // per_step), per_step)):
+      raise ValueError("prompt_index needs a whole pool in build_pool's order (step-major)")
+    return np.arange(len(steps)) % per_step
+
   def take(self, idx: np.ndarray) -> "Pool":
     fields = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
               if f.name != "null_condition"}

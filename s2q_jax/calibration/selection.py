@@ -91,29 +91,50 @@ def band_quotas(band_sizes: np.ndarray, num_samples: int, weights: np.ndarray | 
 
 def stratified_indices(c_diff: np.ndarray, c_quant: np.ndarray, steps: np.ndarray,
                        num_steps: int, num_samples: int, bands: int,
-                       quota: str = "equal") -> np.ndarray:
-  """Salient selection within timestep bands; indices in pool order.
+                       quota: str = "equal", prompts: np.ndarray | None = None) -> np.ndarray:
+  """Salient selection within timestep bands, spread over the prompts; indices in pool order.
 
   The sampler's steps are split into `bands` contiguous bands of (nearly) equal
-  length (at most one per step); each band gets its quota of samples (`equal`, or ∝ the band's mean
-  diffusion salience for `salience`) and keeps its top C̄_diff · C̄_quant, both
-  min-max normalised within the band. Global min-max lets the steps where the
-  latent changes most (the last few, on zero-terminal-SNR schedules) take every
-  sample; banding keeps the whole trajectory in the calibration set.
+  length (0: one band per sample; at most one per step); each band gets its
+  quota of samples (`equal`, or ∝ the band's mean diffusion salience for
+  `salience`) and keeps its top C̄_diff · C̄_quant, both min-max normalised
+  within the band. Global min-max lets the steps where the latent changes most
+  (the last few, on zero-terminal-SNR schedules) take every sample; banding
+  keeps the whole trajectory in the calibration set.
+
+  With `prompts` (the prompt of each candidate), no prompt takes more than
+  ⌈num_samples / number of prompts⌉ samples while another prompt can fill the
+  band: C̄_quant is largely a property of the prompt's video, so without the cap
+  two or three prompts take nearly every band and calibration sees little of
+  the content. Bands are filled best candidate first across all bands.
   """
   if quota not in BAND_QUOTAS:
     raise ValueError(f"band quota {quota!r}: choose one of {', '.join(BAND_QUOTAS)}")
   steps = np.asarray(steps)
-  if isinstance(bands, bool) or not isinstance(bands, (int, np.integer)) or bands < 1:
-    raise ValueError(f"bands must be a positive integer, got {bands!r}")
-  bands = min(bands, num_steps)  # at most one band per step
+  if isinstance(bands, bool) or not isinstance(bands, (int, np.integer)) or bands < 0:
+    raise ValueError(f"bands must be a non-negative integer (0: one per sample), got {bands!r}")
+  bands = min(bands or num_samples, num_steps)  # at most one band per step
   band = steps * bands // num_steps
   members = [np.flatnonzero(band == b) for b in range(bands)]
   c_diff, c_quant = np.asarray(c_diff, np.float64), np.asarray(c_quant, np.float64)
   weights = None
   if quota == "salience":
     weights = np.array([c_diff[m].mean() if len(m) else 0.0 for m in members])
-  quotas = band_quotas(np.array([len(m) for m in members]), num_samples, weights)
-  chosen = [m[select_indices(salient_scores(c_diff[m], c_quant[m]), int(q))]
-            for m, q in zip(members, quotas) if q > 0]
-  return np.sort(np.concatenate(chosen))
+  left = band_quotas(np.array([len(m) for m in members]), num_samples, weights)
+  score = np.full(len(steps), -np.inf)
+  for m in members:
+    if len(m):
+      score[m] = salient_scores(c_diff[m], c_quant[m])
+  prompts = np.zeros(len(steps), np.int64) if prompts is None else np.asarray(prompts)
+  labels, prompt_ids = np.unique(prompts, return_inverse=True)
+  cap = -(-num_samples // len(labels)) if len(labels) > 1 else num_samples
+  used = np.zeros(len(labels), np.int64)
+  taken = np.zeros(len(steps), bool)
+  order = np.argsort(-score, kind="stable")  # ties: the earlier candidate
+  for limit in (cap, num_samples):  # the cap first; a second pass fills what it left open
+    for i in order:
+      if not taken[i] and left[band[i]] > 0 and used[prompt_ids[i]] < limit:
+        taken[i] = True
+        left[band[i]] -= 1
+        used[prompt_ids[i]] += 1
+  return np.flatnonzero(taken)

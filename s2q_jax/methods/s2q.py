@@ -74,7 +74,8 @@ def select_positions(model: nnx.Module, pool: Pool, cfg, log=print) -> np.ndarra
   """Pool positions to calibrate on, by `calib.selection`.
 
   salient_stratified (default): the sampler's steps split into `calib.bands`
-  bands, each with its quota (`calib.band_quota`), ranked by C within the band.
+  bands (0: one per position), each with its quota (`calib.band_quota`),
+  ranked by C within the band, no prompt taking much more than its share.
   salient: the paper's literal global top-N of C (on zero-terminal-SNR
   schedules it takes only the last steps). uniform | random: ablations.
   """
@@ -88,7 +89,7 @@ def select_positions(model: nnx.Module, pool: Pool, cfg, log=print) -> np.ndarra
       if method == "salient":
         return select_indices(salient_scores(c_diff, c_quant), n)
       return stratified_indices(c_diff, c_quant, pool.steps, int(pool.steps.max()) + 1, n,
-                                cfg.calib.bands, cfg.calib.band_quota)
+                                cfg.calib.bands, cfg.calib.band_quota, pool.prompt_index())
     return select_indices(None, n, method, pool_size=len(pool), seed=cfg.seed)
   except ValueError as e:
     raise UserError(f"calib: {e}") from None
