@@ -61,7 +61,8 @@ def environment() -> dict:
 
 def quantize_w4a6(model: nnx.Module) -> None:
   """The main job's default W4A6 layer rules, round to nearest, frozen for export."""
-  quant.quantize_model(model, quant.rules_from_config(base_config(4, 6, "rtn").quant))
+  quant.quantize_model(model, quant.rules_from_config(base_config(4, 6, "rtn").quant,
+                                                       model.quant_defaults()))
   quant.freeze_all(model)
 
 

@@ -77,7 +77,7 @@ def run(overrides: dict, video: tuple[int, int, int], *, blocks: int, tokens: in
   q_model = nnx.clone(fp_model)
   job = base_config(4, 6, "s2q")
   job.distill.epochs, job.distill.batch_size = epochs, samples
-  quant.quantize_model(q_model, quant.rules_from_config(job.quant))
+  quant.quantize_model(q_model, quant.rules_from_config(job.quant, q_model.quant_defaults()))
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   with tempfile.TemporaryDirectory() as workdir:
     stats = calibrate_blocks(q_model, fp_model, data, s2q.recipe(job), workdir, mesh, log=log)

@@ -1,7 +1,7 @@
 """Compares quantization methods on one model over several seeds: mean ± std per (method, bits).
 
   python -m s2q_jax.compare --methods rtn,vidit_q,q_vdit,qvd,s2q --bits w4a6,w3a6 --seeds 0,1,2 \\
-      --workdir DIR
+      --workdir DIR [--set model.path=MODEL_DIR --set sampler.num_steps=10 ...]
 
 Each (seed, bits, method) runs the main job in DIR/seed<s>/<bits>_<method>/
 with the default config for those bits and `seed` = s. A seed changes the
@@ -20,6 +20,7 @@ Exit codes: 0 done; 1 a run stopped (one `error:` line); 2 a bad command line.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -187,6 +188,28 @@ def write_outputs(workdir: str, reports: list[dict], stem: str = "comparison"
   return table, list(paths.values())
 
 
+def parse_settings(items: Sequence[str]) -> dict[str, object]:
+  """{dotted config key: value} from KEY=VALUE strings; each key must exist in the job config."""
+  known = base_config(4, 6, "rtn")
+  out = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    node = known
+    for part in key.split(".")[:-1] if sep else ():
+      node = node.get(part) if hasattr(node, "get") else None
+    if not sep or not hasattr(node, "get") or key.split(".")[-1] not in node:
+      raise ValueError(f"--set {item!r}: give KEY=VALUE with KEY a main-job config key, "
+                       "e.g. model.path=DIR")
+    if key in ("method", "seed", "workdir", "quant.w_bits", "quant.a_bits"):
+      raise ValueError(f"--set {key}: compare sets it from --methods, --seeds, --bits, --workdir")
+    try:
+      out[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[key] = text  # a plain string, e.g. a path
+  return out
+
+
 def parse_seeds(text: str) -> list[int]:
   try:
     seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -203,7 +226,14 @@ def main(argv=None) -> int:
   parser.add_argument("--bits", default="w4a6,w3a6")
   parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
   parser.add_argument("--workdir", default="workdir/compare")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a main-job config setting for every run, e.g. model.path=DIR or "
+                           "sampler.num_steps=10 (values as Python literals); repeatable")
   args = parser.parse_args(argv)
+  try:
+    settings = parse_settings(args.set)
+  except ValueError as e:
+    parser.error(str(e))
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   bits_list = [b.strip().lower() for b in args.bits.split(",") if b.strip()]
   unknown = [m for m in methods if m not in METHODS]
@@ -221,7 +251,8 @@ def main(argv=None) -> int:
       os.makedirs(args.workdir, exist_ok=True)
     except OSError as e:
       raise outputs.io_error(args.workdir, e) from None
-    reports = run_grid(args.workdir, bits_list, {m: (m, {}) for m in methods}, seeds=seeds)
+    reports = run_grid(args.workdir, bits_list, {m: (m, dict(settings)) for m in methods},
+                       seeds=seeds)
     table, paths = write_outputs(args.workdir, reports)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

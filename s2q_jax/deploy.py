@@ -64,7 +64,7 @@ class DeployedLinear(nnx.Module):
 
   def __init__(self, weight: QuantizedWeight, *, bias=None, shift=None, smooth=None,
                rotation=None, transform_left=None, transform_right=None, act_clip=None,
-               lowrank_a=None, lowrank_b=None, frame_scale=None, n_text: int = 0,
+               lowrank_a=None, lowrank_b=None, frame_scale=None, n_text: int | None = 0,
                a_bits: int | None, backend: str = "auto", dtype=jnp.float32):
     if backend in _UNPACKED_BACKENDS:  # unpack once here, not on every call
       weight = weight.unpacked()

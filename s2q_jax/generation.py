@@ -56,7 +56,7 @@ def sampler(model: nnx.Module, uncond: np.ndarray, *, num_steps: int, guidance_s
     # Merged at every step, inside the sampler's scan: a model that writes into its own
     # state while running (its `step_context`) may only do so in the trace it was made in.
     gather = (lambda s: s) if mesh is None else (lambda s: sharding.gather(s, mesh))
-    denoiser = lambda *args: nnx.merge(graphdef, gather(state), copy=True)(*args)  # noqa: E731
+    denoiser = lambda *args: nnx.merge(graphdef, gather(state), copy=True).denoise(*args)  # noqa: E731
     null = jnp.broadcast_to(uncond, cond.shape)
     if return_trajectory:
       return sample_trajectory(denoiser, noise, cond, null, schedule,

@@ -29,7 +29,7 @@ from s2q_jax.calibration import pool as pool_lib
 from s2q_jax.generation import generate
 from s2q_jax.job_validation import REPLACED_DISTRIBUTED, validate, validate_devices  # noqa: F401
 from s2q_jax.methods import CALIBRATORS
-from s2q_jax.models import CogVideoXTransformer3D, UnsupportedConfigError
+from s2q_jax.models import HunyuanVideoTransformer3D, UnsupportedConfigError
 from s2q_jax.pretrained import load_pretrained
 from s2q_jax.sampling import sample_keys
 from s2q_jax.sampling.scheduler_config import scheduler_for
@@ -50,10 +50,13 @@ def load_model(cfg: ConfigDict):
     raise UserError(f"model.path {folder!r} is not a supported model: {e}") from None
   except OSError as e:
     raise outputs.io_error(e.filename or folder, e, "read") from None
-  if not isinstance(model, CogVideoXTransformer3D):
-    raise UserError(f"model.path {folder!r} holds a {model.config.to_dict()['_class_name']}: "
-                    "s2q_jax.models loads and converts it, but the quantization job supports "
-                    "CogVideoX only so far")
+  if isinstance(model, HunyuanVideoTransformer3D):
+    raise UserError(f"model.path {folder!r} holds a HunyuanVideo transformer: s2q_jax.models "
+                    "loads and converts it, but the quantization job does not run it yet "
+                    "(its prompts need a mask and pooled embeddings); CogVideoX and Wan work")
+  if getattr(model.config, "image_dim", None) is not None:
+    raise UserError(f"model.path {folder!r} holds an image-to-video Wan model: the job has no "
+                    "image conditions to give it; use a text-to-video Wan or CogVideoX")
   return model, folder, name
 
 
@@ -66,7 +69,6 @@ def eval_inputs(cfg: ConfigDict, model, folder: str,
   width the decoded size; otherwise the latent size.
   """
   n = cfg.eval.num_videos
-  mc = model.config
   size = (cfg.eval.frames, cfg.eval.height, cfg.eval.width)
   if pipe is not None:
     size = pipe.latent_size(*size)
@@ -79,11 +81,11 @@ def eval_inputs(cfg: ConfigDict, model, folder: str,
       raise UserError(f"model.path {folder!r}: {e}") from None
     idx = np.arange(n) % len(names)
     cond, uncond, names = table[idx], table[-1], [names[i] for i in idx]
-  else:  # a real CogVideoX: no text encoder here, so random stand-in "prompts"
+  else:  # a real model's transformer alone: no text encoder here, so random stand-in "prompts"
     rng = np.random.default_rng(cfg.seed)
-    cond = rng.standard_normal((n, mc.max_text_seq_length, mc.text_embed_dim), np.float32)
+    cond = rng.standard_normal((n, *model.condition_shape()), np.float32)
     uncond, names = np.zeros_like(cond[0]), [f"random-{i}" for i in range(n)]
-  shape = (n, size[0], mc.in_channels, size[1], size[2])
+  shape = (n, size[0], model.latent_channels, size[1], size[2])
   noise = np.asarray(jax.random.normal(jax.random.key(cfg.seed), shape), np.float32)
   return noise, cond, uncond, names
 
@@ -150,11 +152,12 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
       pipe.latent_size(cfg.eval.frames, cfg.eval.height, cfg.eval.width)
       folder = pipe.root  # its digest covers the text encoder, VAE and scheduler as well
     try:
-      rules = quant.rules_from_config(cfg.quant)
+      rules = quant.rules_from_config(cfg.quant, model.quant_defaults())
     except ValueError as e:
       raise UserError(f"quant config: {e}") from None
     try:
-      scheduler = scheduler_for(cfg.sampler.scheduler, folder, cfg.sampler.num_steps)
+      scheduler = scheduler_for(cfg.sampler.scheduler, folder, cfg.sampler.num_steps,
+                                model.default_scheduler_config())
     except ValueError as e:
       raise UserError(f"sampler.scheduler: {e}") from None
     # Only now, with the inputs known good, does the workdir come into being.

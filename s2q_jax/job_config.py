@@ -1,13 +1,6 @@
 """Defaults of the main job's config; each `configs/wXaY.py` sets the bits and method."""
 import ml_collections
 
-# Kept in full precision by default: the patch/text embedding in and the projection out.
-KEEP_FP = (r"^patch_embed\.", r"^ofs_embedding\.", r"^proj_out$")
-# The timestep MLP and the final adaLN modulation act on one vector per video, so
-# their 8-bit weights cost no accuracy that shows (activations stay in float),
-# and they halve what the full-precision part weighs: on the embedded model that
-# is the difference between 3.42× and 3.5× smaller than bf16.
-WEIGHT_ONLY_8BIT = ((r"^time_embedding\.", "w8afp"), (r"^norm_out\.linear$", "w8afp"))
 
 
 def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigDict:
@@ -26,11 +19,14 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   c.quant = ml_collections.ConfigDict()
   c.quant.w_bits = w_bits
   c.quant.a_bits = a_bits
-  c.quant.keep_fp = list(KEEP_FP)
+  # Unset (None): the architecture's defaults (`quant_defaults()` of its model class: e.g.
+  # CogVideoX keeps its patch embedding and output projection in bf16 and gives the
+  # timestep MLP 8-bit weights); a list of regexes replaces them.
+  c.quant.keep_fp = ml_collections.config_dict.placeholder(list)
   # ((regex on the layer path, "wXaY" or "wXafp"), ...); first match wins, e.g. adding
   # (r"^transformer_blocks\.0\.", "w8a8") keeps the first block at 8 bits; () quantizes
   # the timestep MLP and final modulation to the default bits as well.
-  c.quant.overrides = WEIGHT_ONLY_8BIT
+  c.quant.overrides = ml_collections.config_dict.placeholder(tuple)
 
   # S²Q-VDiT (method=s2q): calibration data selection and block-wise distillation.
   c.calib = ml_collections.ConfigDict()

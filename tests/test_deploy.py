@@ -30,8 +30,9 @@ def exported(tmp_path):
   model = CogVideoXTransformer3D(CFG, rngs=nnx.Rngs(0))
   # The job's defaults (8-bit weight-only timestep MLP) plus a 3-bit override.
   qcfg = base_config(4, 6, "rtn").quant
-  qcfg.overrides = ((r"ff\.proj_in", "w3a8"),) + tuple(qcfg.overrides)
-  quant.quantize_model(model, quant.rules_from_config(qcfg))
+  keep_fp, overrides = model.quant_defaults()
+  qcfg.overrides = ((r"ff\.proj_in", "w3a8"),) + tuple(overrides)
+  quant.quantize_model(model, quant.rules_from_config(qcfg, (keep_fp, ())))
   quant.freeze_all(model)
   deploy.round_fp_params(model)
   deploy.export_quantized(model, str(tmp_path))

@@ -25,7 +25,8 @@ VIDEO, TEXT, DIM = 200, 6, 64  # tokens of each part, hidden size
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   model = CogVideoXTransformer3D(CFG, rngs=nnx.Rngs(0))
-  quant.quantize_model(model, quant.rules_from_config(base_config(4, 6, "rtn").quant))
+  quant.quantize_model(model, quant.rules_from_config(base_config(4, 6, "rtn").quant,
+                                                       model.quant_defaults()))
   quant.freeze_all(model)
   deploy.round_fp_params(model)
   path = str(tmp_path_factory.mktemp("w4a6"))

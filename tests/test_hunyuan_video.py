@@ -257,6 +257,6 @@ def test_quantization_job_refuses_hunyuan_video_clearly(hunyuan_dir):
   from ml_collections import ConfigDict
   from s2q_jax import job
   from s2q_jax.errors import UserError
-  with pytest.raises(UserError, match="holds a HunyuanVideoTransformer3DModel: .* the "
-                                      "quantization job supports CogVideoX only so far"):
+  with pytest.raises(UserError, match="holds a HunyuanVideo transformer: .* the "
+                                      "quantization job does not run it yet"):
     job.load_model(ConfigDict({"model": {"path": str(hunyuan_dir[0]), "dtype": None}}))

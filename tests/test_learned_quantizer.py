@@ -140,9 +140,9 @@ def test_bounded_parameters_are_projected_after_every_step():
     layer.act_clip = ActClip(jnp.asarray(0.9))
   rng = np.random.default_rng(0)
   n, nv, nt, d = 4, 8, 4, 32
-  data = BlockData(*(rng.standard_normal(s).astype(np.float32) * 3 for s in
-                     [(n, nv, d), (n, nt, d), (n, 32), (n, nv, d), (n, nt, d)]),
-                   np.ones((n, nt + nv), np.float32))
+  video, text, temb, target_v, target_t = (rng.standard_normal(s).astype(np.float32) * 3 for s in
+      [(n, nv, d), (n, nt, d), (n, 32), (n, nv, d), (n, nt, d)])
+  data = BlockData((text, video), (temb,), (target_t, target_v), np.ones((n, nt + nv), np.float32))
   mesh = jax.make_mesh((1,), ("data",))
   train_block(block, data, None, TrainConfig(epochs=3, batch_size=4), mesh,
               groups={WeightClip: 5.0, ActClip: 5.0})

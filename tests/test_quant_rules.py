@@ -91,7 +91,8 @@ def test_large_four_bit_model_approaches_but_stays_under_4x():
 
 
 def test_job_config_rules_put_the_timestep_mlp_at_8_bit_weight_only():
-  rules = quant.rules_from_config(base_config(4, 6, "s2q").quant)
+  rules = quant.rules_from_config(base_config(4, 6, "s2q").quant,
+                                  CogVideoXTransformer3D.quant_defaults())
   for path in ("patch_embed.proj", "patch_embed.text_proj", "proj_out"):
     assert quant.match(rules, path) is None, path
   for path in ("time_embedding.linear_1", "time_embedding.linear_2", "norm_out.linear"):

@@ -265,9 +265,9 @@ def test_eight_devices_learn_what_one_device_learns():
       fp, q, pool = _setup()
       rng = np.random.default_rng(0)
       n, nv, nt, d = 8, 8, 4, 32
-      data = BlockData(*(rng.standard_normal(s).astype(np.float32) for s in
-                         [(n, nv, d), (n, nt, d), (n, 32), (n, nv, d), (n, nt, d)]),
-                       np.ones((n, nt + nv), np.float32))
+      video, text, temb, target_v, target_t = (rng.standard_normal(s).astype(np.float32) for s in
+          [(n, nv, d), (n, nt, d), (n, 32), (n, nv, d), (n, nt, d)])
+      data = BlockData((text, video), (temb,), (target_t, target_v), np.ones((n, nt + nv), np.float32))
       out = {{}}
       for devices in (1, 8):
         block = nnx.clone(q.transformer_blocks[0])

@@ -89,8 +89,9 @@ _SCRIPT = textwrap.dedent("""
 
     rng = np.random.default_rng(0)
     n, nv, nt, d = 8, 8, 4, 32
-    data = BlockData(*(rng.standard_normal(s).astype(np.float32) for s in
-                       [(n, nv, d), (n, nt, d), (n, 32), (n, nv, d), (n, nt, d)]),
+    video, text, temb, target_v, target_t = (rng.standard_normal(s).astype(np.float32) for s in
+        [(n, nv, d), (n, nt, d), (n, 32), (n, nv, d), (n, nt, d)])
+    data = BlockData((text, video), (temb,), (target_t, target_v),
                      rng.uniform(0.5, 1, (n, nt + nv)).astype(np.float32))
     noise = rng.standard_normal((3, 2, 3, 8, 8)).astype(np.float32)
     cond = rng.standard_normal((3, 4, 16)).astype(np.float32)

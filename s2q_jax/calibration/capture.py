@@ -65,5 +65,5 @@ def recorded_batches(model: nnx.Module, paths: set[str], pool, batch: int = 8):
   with recording(model, paths) as collect:
     for i in range(0, len(pool), batch):
       sl = slice(i, i + batch)
-      model(pool.latents[sl], pool.conditions[sl], pool.timesteps[sl])
+      model.denoise(pool.latents[sl], pool.conditions[sl], pool.timesteps[sl])
       yield sl, collect()

@@ -10,10 +10,15 @@ DEFAULT_FPS = 6
 
 
 def to_uint8(video: np.ndarray) -> np.ndarray:
-  """(F, C, H, W) in [-1, 1] → (F, H, W, 3) uint8; one channel is shown as grey."""
+  """(F, C, H, W) in [-1, 1] → (F, H, W, 3) uint8; one channel is shown as grey.
+
+  Latent videos of more channels (a real model's transformer run without its
+  VAE: 16 for CogVideoX and Wan) show their first three channels as RGB.
+  """
   video = np.asarray(video, np.float32)
-  if video.ndim != 4 or video.shape[1] not in (1, 3):
-    raise ValueError(f"expected a video (F, C, H, W) with C = 1 or 3, got shape {video.shape}")
+  if video.ndim != 4 or video.shape[1] not in (1, 3) and video.shape[1] < 3:
+    raise ValueError(f"expected a video (F, C, H, W) with C = 1 or C ≥ 3, got shape {video.shape}")
+  video = video[:, :3]
   v = np.clip((video + 1.0) * 127.5, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
   return np.repeat(v, 3, axis=-1) if v.shape[-1] == 1 else v
 

@@ -37,12 +37,11 @@ from s2q_jax.quant.qlinear import SmoothScale, WeightClip, project
 
 @dataclasses.dataclass
 class BlockData:
-  video: np.ndarray  # (N, n_video, D): the quantized model's input to this block
-  text: np.ndarray  # (N, n_text, D)
-  temb: np.ndarray  # (N, D_t)
-  target_video: np.ndarray  # full-precision block output on full-precision inputs
-  target_text: np.ndarray
-  weights: np.ndarray  # (N, n_text + n_video) token weights λ
+  """One block's training set; every array has the N samples first (`models.interface`)."""
+  stream: tuple[np.ndarray, ...]  # the quantized model's input stream to this block
+  context: tuple[np.ndarray, ...]  # what the block reads besides (conditioning)
+  target: tuple[np.ndarray, ...]  # full-precision block output on full-precision inputs
+  weights: np.ndarray  # (N, T) token weights λ over the stream's concatenated tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,26 +74,26 @@ def _train_step(graphdef, groups: tuple[tuple[type, float], ...], total_steps: i
   """
   txs = tuple(_optimizer(lr, total_steps) for _, lr in groups)
 
-  def loss_fn(params, rest, rotary, video, text, temb, tv, tt, w):
-    model = nnx.merge(graphdef, *params, rest)
-    out_v, out_t = model(video, text, temb, rotary)
-    y = jnp.concatenate([out_t, out_v], axis=1)
-    return loss(jnp.concatenate([tt, tv], axis=1), y, w)
+  def loss_fn(params, rest, extras, stream, context, target, w):
+    block = nnx.merge(graphdef, *params, rest)
+    y = jnp.concatenate(block.calibration_call(stream, context, extras), axis=1)
+    return loss(jnp.concatenate(target, axis=1), y, w)
 
   devices = mesh.axis_names  # the samples are split over all of them
 
-  def local_grads(params, rest, rotary, *batch_arrays):
-    value, grads = jax.value_and_grad(loss_fn)(params, rest, rotary, *batch_arrays)
+  def local_grads(params, rest, extras, *batch):
+    value, grads = jax.value_and_grad(loss_fn)(params, rest, extras, *batch)
     return jax.lax.pmean(value, devices), jax.lax.pmean(grads, devices)
 
+  # The batch (stream, context, target, weights) is split over the devices.
   sharded_grads = jax.shard_map(local_grads, mesh=mesh,
-                                in_specs=(P(), P(), P()) + (P(devices),) * 6,
+                                in_specs=(P(), P(), P()) + (P(devices),) * 4,
                                 out_specs=(P(), P()), check_vma=False)
 
   @jax.jit
-  def step(params, rest, opt_state, rotary, *batch_arrays):
+  def step(params, rest, opt_state, extras, *batch):
     whole_params, whole_rest = sharding.gather((params, rest), mesh)
-    value, grads = sharded_grads(whole_params, whole_rest, rotary, *batch_arrays)
+    value, grads = sharded_grads(whole_params, whole_rest, extras, *batch)
     new_params, new_state = [], []
     for (kind, _), tx, p, g, s in zip(groups, txs, params, grads, opt_state):
       update, s = tx.update(g, s, p)
@@ -106,21 +105,23 @@ def _train_step(graphdef, groups: tuple[tuple[type, float], ...], total_steps: i
   return txs, step
 
 
-def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
+def train_block(block: nnx.Module, data: BlockData, extras, cfg: TrainConfig,
                 mesh: jax.sharding.Mesh, groups: dict[type, float] | None = None,
                 loss: LossFn = weighted_token_mse,
                 on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
   """Optimises `block`'s learnable Variables in place; returns the mean loss per epoch.
 
   `groups` maps Variable types to learning rates (default: clipping at
-  `cfg.lr_clip`, smoothing at `cfg.lr_smooth`). Outputs are (N, text + video, D).
+  `cfg.lr_clip`, smoothing at `cfg.lr_smooth`). The block is a
+  `models.interface.CalibrationBlock`; `extras` what its calls read besides the
+  data (rotary tables).
   The block and `data` are the same on every process; the mesh may span
   processes, and the learned values come back on this process's first device,
   where the rest of calibration runs. `on_epoch(epoch, mean loss)` follows
   each epoch (progress reports).
   """
   groups = groups or {WeightClip: cfg.lr_clip, SmoothScale: cfg.lr_smooth}
-  n = len(data.video)
+  n = len(data.weights)
   n_dev = mesh.devices.size
   batch = max(n_dev, (min(cfg.batch_size, n) // n_dev) * n_dev)
   steps_per_epoch = max(n // batch, 1)
@@ -132,9 +133,9 @@ def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
   # Laid out as the step's outputs are: the same input shardings at every call.
   state = (params, rest, opt_state)
   params, rest, opt_state = multihost.put(state, sharding.shardings(state, mesh))
-  rotary = multihost.put(rotary, NamedSharding(mesh, P()))
+  extras = multihost.put(extras, NamedSharding(mesh, P()))
 
-  arrays = (data.video, data.text, data.temb, data.target_video, data.target_text, data.weights)
+  arrays = (tuple(data.stream), tuple(data.context), tuple(data.target), data.weights)
   split = NamedSharding(mesh, P(mesh.axis_names))
   rng = np.random.default_rng(cfg.seed)
   history = []
@@ -143,8 +144,8 @@ def train_block(block: nnx.Module, data: BlockData, rotary, cfg: TrainConfig,
     losses = []
     for i in range(steps_per_epoch):
       idx = order[i * batch:(i + 1) * batch]
-      shard = [multihost.put(np.asarray(a[idx]), split) for a in arrays]
-      params, opt_state, value = step(params, rest, opt_state, rotary, *shard)
+      shard = jax.tree.map(lambda a: multihost.put(np.asarray(a[idx]), split), arrays)
+      params, opt_state, value = step(params, rest, opt_state, extras, *shard)
       losses.append(value)  # read at the epoch's end: a read per step would stall dispatch
     history.append(float(np.mean(jax.device_get(losses))))
     if not np.isfinite(history[-1]):

@@ -21,6 +21,8 @@ import numpy as np
 from flax import nnx
 
 from s2q_jax import memory
+from s2q_jax.models import interface
+from s2q_jax.models.interface import BlockState
 from s2q_jax.calibration.capture import recording
 from s2q_jax.calibration.gptq import accumulate_hessian, gptq_quantize
 from s2q_jax.calibration.pool import Pool
@@ -43,8 +45,10 @@ class BlockRecipe:
   layers (`name` is the block's path in the model, e.g. "transformer_blocks.3"); it
   must be idempotent (resuming calls it on finished blocks too, to rebuild
   the structure the checkpoint restores into). `groups` maps the learned
-  Variable types to learning rates; `loss(n_text, frames)` builds the
-  reconstruction loss (None: the token-weighted MSE).
+  Variable types to learning rates; `loss(n_lead, frames)` builds the
+  reconstruction loss (None: the token-weighted MSE) for block outputs whose
+  first n_lead tokens are not video and whose others split into `frames`
+  latent frames (`VideoDiT.stream_layout`).
   """
   prepare_block: Callable[[nnx.Module, str], None]
   groups: dict[type, float]
@@ -59,41 +63,53 @@ class BlockRecipe:
 
 
 @nnx.jit
-def _apply_block(block, video, text, temb, rotary):
-  return block(video, text, temb, rotary)
+def _apply_block(block, stream, context, extras):
+  return block.calibration_call(stream, context, extras)
 
 
 @nnx.jit
 def _embed(model, latents, conditions, timesteps):
-  return model.embed(latents, conditions, timesteps)
+  return model.embed_blocks(latents, conditions, timesteps)
 
 
 def _batched(fn: Callable, arrays: tuple, batch: int = 8):
-  outs = [fn(*(a[i:i + batch] for a in arrays)) for i in range(0, len(arrays[0]), batch)]
-  return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0])))
+  """fn over `arrays` (a pytree of arrays with one leading sample axis) in batches, joined."""
+  n = len(jax.tree.leaves(arrays)[0])
+  outs = [fn(*jax.tree.map(lambda a: a[i:i + batch], arrays)) for i in range(0, n, batch)]
+  return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *outs)
 
 
-def _layer_inputs(block, paths: set[str], arrays: tuple, rotary, *, transformed: bool = True
+def _batches(state: BlockState, batch: int = 8):
+  n = len(state.stream[0])
+  for i in range(0, n, batch):
+    yield jax.tree.map(lambda a: a[i:i + batch], state)
+
+
+def tokens(stream) -> np.ndarray:
+  """A block stream's token groups joined on the token axis, as losses and weights see them."""
+  return np.concatenate([np.asarray(x) for x in stream], axis=1)
+
+
+def _layer_inputs(block, paths: set[str], state: BlockState, extras, *, transformed: bool = True
                   ) -> dict[str, list[jax.Array]]:
-  """{layer path: [its inputs, one array per batch]} when `block` runs on `arrays`.
+  """{layer path: [its inputs, one array per batch]} when `block` runs on `state`.
 
   Collected after every batch: recorded inputs left in the block would enter the
   next call as state, a new signature (a recompile) for every batch.
   """
   inputs: dict[str, list[jax.Array]] = {p: [] for p in paths}
   with recording(block, paths, transformed=transformed) as collect:
-    for i in range(0, len(arrays[0]), 8):
-      _apply_block(block, *(a[i:i + 8] for a in arrays), rotary)
+    for part in _batches(state):
+      _apply_block(block, part.stream, part.context, extras)
       for p, xs in collect().items():
         inputs[p] += xs
   return inputs
 
 
 @nnx.jit
-def _block_importance(block, video, text, temb, rotary):
-  n_v, n_t, _, _ = block.norm1(video, text, temb)
-  q, k, _ = block.attn1.project(jnp.concatenate([n_t, n_v], axis=1), text.shape[1], rotary)
-  return (attention_token_importance(q, k, block_size=256),)
+def _block_importance(block, stream, context, extras):
+  q, k = block.self_attention_qk(stream, context, extras)
+  return attention_token_importance(q, k, block_size=256)
 
 
 def init_smoothing(layers: list[tuple[str, QuantLinear]], inputs: dict, alpha: float) -> None:
@@ -106,16 +122,16 @@ def init_smoothing(layers: list[tuple[str, QuantLinear]], inputs: dict, alpha: f
     layer.smooth = SmoothScale(s)
 
 
-def layer_hessians(block, paths: set[str], arrays: tuple, rotary) -> dict[str, jax.Array]:
-  """{layer path: Σ xᵀx over its (transformed) inputs} when `block` runs on `arrays`.
+def layer_hessians(block, paths: set[str], state: BlockState, extras) -> dict[str, jax.Array]:
+  """{layer path: Σ xᵀx over its (transformed) inputs} when `block` runs on `state`.
 
   Summed batch by batch, so only one batch of layer inputs is alive at a time:
   all 40 samples' inputs of a block at full length would be tens of GiB.
   """
   hessians: dict[str, jax.Array | None] = {p: None for p in paths}
   with recording(block, paths) as collect:
-    for i in range(0, len(arrays[0]), 8):
-      _apply_block(block, *(a[i:i + 8] for a in arrays), rotary)
+    for part in _batches(state):
+      _apply_block(block, part.stream, part.context, extras)
       for p, xs in collect().items():
         for x in xs:
           hessians[p] = accumulate_hessian(hessians[p], x)
@@ -147,23 +163,27 @@ def _check_finite(block_index: int, layers) -> None:
 def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, recipe: BlockRecipe,
                      workdir: str, mesh: jax.sharding.Mesh, log=print) -> dict[str, Any]:
   """Calibrates q_model's blocks in place on the model inputs `data`; per-block statistics."""
-  inputs = (data.latents, data.conditions, data.timesteps)
-  video, text, temb = _batched(lambda x, c, t: _embed(fp_model, x, c, t), inputs)
+  fp_model = interface.check(fp_model)
+  state = _batched(lambda x, c, t: _embed(fp_model, x, c, t),
+                   (data.latents, data.conditions, data.timesteps))
   # The quantized blocks get the full-precision embedding too. Feeding them the quantized
   # model's (its 8-bit timestep MLP), as at inference, measured 1 dB PSNR worse on the
   # embedded model (W4A6, seed 0: 27.39 vs 28.44 dB).
-  video_q, text_q, temb_q = video, text, temb
+  stream, stream_q, context = state.stream, state.stream, state.context
   f, _, h, w = data.latents.shape[1:]
-  rotary = fp_model.rotary_embedding(f, h, w)
-  run = lambda block, v, t, e: _batched(  # noqa: E731
-      lambda v_, t_, e_: _apply_block(block, v_, t_, e_, rotary), (v, t, e))
+  extras = fp_model.block_extras(f, h, w)
+  layout = fp_model.stream_layout(f, data.conditions.shape[1])
+  run = lambda block, s: _batched(  # noqa: E731
+      lambda s_, c_: _apply_block(block, s_, c_, extras), (s, context))
 
   ckpt = BlockCheckpoint(os.path.join(workdir, "calibration"))
-  blocks = list(zip(fp_model.transformer_blocks, q_model.transformer_blocks))
+  names = [name for name, _ in fp_model.calibration_blocks()]
+  blocks = [(fb, qb) for (_, fb), (_, qb) in zip(fp_model.calibration_blocks(),
+                                                  interface.check(q_model).calibration_blocks())]
   done = min(ckpt.blocks_done(), len(blocks))
   if done:
     for b, (_, q_block) in enumerate(blocks[:done]):
-      recipe.prepare_block(q_block, f"transformer_blocks.{b}")
+      recipe.prepare_block(q_block, names[b])
       for _, layer in quantized_layers(q_block):
         layer.freeze()  # placeholders with the right structure, overwritten by the restore
       ckpt.restore(b, q_block)
@@ -176,28 +196,27 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
   stats = []
   for b, (fp_block, q_block) in enumerate(blocks):
     if b < done:  # replay finished blocks to get the next block's inputs
-      video, text = run(fp_block, video, text, temb)
-      video_q, text_q = run(q_block, video_q, text_q, temb_q)
+      stream, stream_q = run(fp_block, stream), run(q_block, stream_q)
       continue
     start = time.perf_counter()
     memory.reset_host_peak()
     units_before = (b - done) * (epochs + 1)
-    recipe.prepare_block(q_block, f"transformer_blocks.{b}")
+    recipe.prepare_block(q_block, names[b])
     layers = quantized_layers(q_block)
     paths = {p for p, _ in layers}
-    target_v, target_t = run(fp_block, video, text, temb)
+    target = run(fp_block, stream)
+    quantized_in = BlockState(stream_q, context)
     if recipe.token_weighting == "attention":
-      importance = _batched(lambda v, t, e: _block_importance(fp_block, v, t, e, rotary),
-                            (video, text, temb))[0]
+      importance = _batched(lambda s_, c_: _block_importance(fp_block, s_, c_, extras),
+                            (stream, context))
       weights = np.asarray(token_weights(jnp.asarray(importance), recipe.lam_min,
                                          recipe.lam_max))
     else:
-      weights = np.ones((len(video), text.shape[1] + video.shape[1]), np.float32)
+      weights = np.ones(tokens(stream).shape[:2], np.float32)
     smoothed = [(p, l) for p, l in layers if l.smooth is not None]
     if recipe.smooth_alpha is not None and smoothed:
-      init_smoothing(smoothed, _layer_inputs(q_block, {p for p, _ in smoothed},
-                                             (video_q, text_q, temb_q), rotary,
-                                             transformed=False),
+      init_smoothing(smoothed, _layer_inputs(q_block, {p for p, _ in smoothed}, quantized_in,
+                                             extras, transformed=False),
                      recipe.smooth_alpha)
     history, epoch_ends = [], [time.perf_counter()]
 
@@ -209,20 +228,18 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
     if recipe.enabled:
       try:
         history = train_block(
-            q_block, BlockData(video_q, text_q, temb_q, target_v, target_t, weights), rotary,
+            q_block, BlockData(stream_q, context, target, weights), extras,
             recipe.train, mesh, groups=recipe.groups, on_epoch=on_epoch,
-            **({"loss": recipe.loss(text.shape[1], f)} if recipe.loss else {}))
+            **({"loss": recipe.loss(*layout)} if recipe.loss else {}))
       except NonFiniteLoss as e:
         _check_finite(b, layers)
         raise UserError(f"calibration diverged in block {b} ({e}); every layer's parameters "
                         "are finite, so the activations overflowed: lower the learning rates")
       _check_finite(b, layers)
-    freeze_block(layers, layer_hessians(q_block, paths, (video_q, text_q, temb_q), rotary)
+    freeze_block(layers, layer_hessians(q_block, paths, quantized_in, extras)
                  if recipe.gptq else None)
-    video_q, text_q = run(q_block, video_q, text_q, temb_q)
-    video, text = target_v, target_t
-    err = float(np.mean((np.concatenate([text_q, video_q], 1) -
-                         np.concatenate([target_t, target_v], 1)) ** 2))
+    stream_q, stream = run(q_block, stream_q), target
+    err = float(np.mean((tokens(stream_q) - tokens(target)) ** 2))
     ckpt.save(b, q_block)
     progress.update(units_before + epochs + 1, show=False)
     progress.clear()

@@ -54,17 +54,13 @@ def salience(model: nnx.Module, pool: Pool, quant_variant: str, diff_variant: st
   if quant_variant not in ("input", "layer"):
     raise UserError(f"calib.salience={quant_variant!r}: use input or layer")
   c_quant = np.empty(len(pool))
-  p = model.config.patch_size
   paths = {path for path, _ in quantized_layers(model)}
   for i in range(len(pool)):
     if quant_variant == "input":
-      x = pool.latents[i]
-      f, c, h, w = x.shape
-      tokens = x.reshape(f, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5)
-      c_quant[i] = float(quant_salience(jnp.asarray(tokens.reshape(-1, c * p * p))))
+      c_quant[i] = float(quant_salience(jnp.asarray(model.latent_tokens(pool.latents[i]))))
     else:
       with recording(model, paths) as collect:
-        model(pool.latents[i:i + 1], pool.conditions[i:i + 1], pool.timesteps[i:i + 1])
+        model.denoise(pool.latents[i:i + 1], pool.conditions[i:i + 1], pool.timesteps[i:i + 1])
         inputs = collect()
       c_quant[i] = sum(float(quant_salience(x)) for xs in inputs.values() for x in xs)
   return c_diff, c_quant

@@ -81,13 +81,18 @@ def make_rules(w_bits: int, a_bits: int | None, *, keep_fp: Iterable[str] = DEFA
   return rules
 
 
-def rules_from_config(qcfg) -> list[QuantRule]:
-  """Rules from a config's `quant` section: w_bits, a_bits, optional keep_fp and overrides."""
+def rules_from_config(qcfg, defaults: tuple[Sequence[str], Overrides] = (DEFAULT_KEEP_FP, ())
+                      ) -> list[QuantRule]:
+  """Rules from a config's `quant` section: w_bits, a_bits, optional keep_fp and overrides.
+
+  An unset (None) keep_fp or overrides takes `defaults` = (keep_fp, overrides),
+  the model's own (`quant_defaults()` of its class).
+  """
   keep_fp = getattr(qcfg, "keep_fp", None)
   overrides = getattr(qcfg, "overrides", None)
   return make_rules(qcfg.w_bits, qcfg.a_bits,
-                    keep_fp=DEFAULT_KEEP_FP if keep_fp is None else list(keep_fp),
-                    overrides=overrides)
+                    keep_fp=list(defaults[0] if keep_fp is None else keep_fp),
+                    overrides=defaults[1] if overrides is None else overrides)
 
 
 def match(rules: Sequence[QuantRule], path: str) -> tuple[int, int | None] | None:

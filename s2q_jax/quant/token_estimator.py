@@ -5,8 +5,10 @@
 α (K,) and β (N,) model the quantization error of the weights as seen through
 the quantized input; M (1 + F,) scales the branch per token group: entry 0
 for the text tokens, entry 1 + f for the video tokens of latent frame f
-(inputs are CogVideoX's joint sequence, text first). Inputs without a token
-axis (the adaLN modulation's (B, D) conditioning vector) use M[0]. The branch
+(inputs are a text-first sequence, `n_text` = 0 for video tokens alone). Inputs
+without a token axis (the adaLN modulation's (B, D) conditioning vector) and
+layers with `n_text` None (cross-attention keys and values, which read text)
+use M[0]. The branch
 costs one matrix-vector product and one outer product per token, and is stored
 next to the codes: it does not fold into the weights.
 """
@@ -46,10 +48,10 @@ def token_frame_scale(scale: jax.Array, n_tokens: int, n_text: int) -> jax.Array
 
 
 def branch(x_quant: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
-           n_text: int) -> jax.Array:
+           n_text: int | None) -> jax.Array:
   """(M_tok ⊙ (Q(x̃) α)) βᵀ for a quantized input x_quant (..., K)."""
   z = x_quant.astype(jnp.float32) @ a.astype(jnp.float32)  # (...,)
-  if x_quant.ndim >= 3:
+  if x_quant.ndim >= 3 and n_text is not None:
     z = z * token_frame_scale(scale, x_quant.shape[-2], n_text)
   else:
     z = z * scale[0]
@@ -60,7 +62,7 @@ class TokenAwareLinear(QuantLinear):
   """`QuantLinear` plus the rank-1 branch; α starts small, β at 0 (the branch starts off)."""
 
   def __init__(self, linear, *, w_bits: int, a_bits: int | None, path: str = "",
-               frames: int = 1, n_text: int = 0, seed: int = 0):
+               frames: int = 1, n_text: int | None = 0, seed: int = 0):
     super().__init__(linear, w_bits=w_bits, a_bits=a_bits, path=path)
     # β = 0 makes the branch start at exactly zero; α ≠ 0 so that β's gradient is not zero.
     key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()))

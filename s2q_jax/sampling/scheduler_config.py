@@ -178,15 +178,17 @@ COGVIDEOX_2B_CONFIG = {
     "trained_betas": None}
 
 
-def scheduler_for(name: str, folder: str | None, num_steps: int) -> Scheduler:
+def scheduler_for(name: str, folder: str | None, num_steps: int,
+                  default: Mapping[str, Any] | None = None) -> Scheduler:
   """The scheduler a job samples with: `name` ('' or a diffusers class) for a model `folder`.
 
   '' takes the folder's scheduler_config.json (itself or its scheduler/
-  sub-folder) when present, else CogVideoX-2B's. A class name re-reads that
+  sub-folder) when present, else `default` (the architecture's pipeline
+  scheduler; None: CogVideoX-2B's). A class name re-reads that
   config as this class, as diffusers' `Class.from_config(pipe.scheduler.config)`
   swaps a pipeline's scheduler: options the class does not know are dropped.
   """
-  config = COGVIDEOX_2B_CONFIG
+  config = dict(default) if default is not None else COGVIDEOX_2B_CONFIG
   if folder:
     try:
       config = read_scheduler_config(folder)

@@ -10,12 +10,15 @@ in float32 whatever the model dtype; the linears run in the model dtype.
 """
 from __future__ import annotations
 
+import re
+
 import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from s2q_jax.models import embeddings
+from s2q_jax.models.interface import BlockState
 from s2q_jax.models.layers import LayerNorm, Linear, gelu_tanh
 from s2q_jax.models.wan.attention import Rotary, WanAttention, rotary_table
 from s2q_jax.models.wan.config import WanConfig
@@ -23,6 +26,13 @@ from s2q_jax.models.wan.config import WanConfig
 # Wan's image-to-video pipeline pads every prompt to this many text tokens, and diffusers
 # finds the image tokens in its concatenated [image; text] context by that length.
 I2V_TEXT_TOKENS = 512
+# Text tokens of Wan's UMT5 prompt embedding (the pipelines' max_sequence_length).
+WAN_TEXT_TOKENS = 512
+# The scheduler Wan 2.1's text-to-video pipelines ship (scheduler/scheduler_config.json of
+# Wan2.1-T2V-1.3B-Diffusers): UniPC on flow-matching sigmas with shift 3 (5 for 720p).
+WAN_T2V_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
+                     "use_flow_sigmas": True, "flow_shift": 3.0, "solver_order": 2,
+                     "num_train_timesteps": 1000}
 
 
 class FeedForward(nnx.Module):
@@ -122,6 +132,18 @@ class WanBlock(nnx.Module):
     h = (self.norm3(x.astype(jnp.float32)) * (1 + c_scale) + c_shift).astype(dtype)
     return (x.astype(jnp.float32) + self.ffn(h).astype(jnp.float32) * c_gate).astype(dtype)
 
+  # models.interface.CalibrationBlock: the stream is (video,), the context (text, timestep_proj).
+  def calibration_call(self, stream, context, extras):
+    return (self(stream[0], context[0], context[1], extras),)
+
+  def self_attention_qk(self, stream, context, extras):
+    x, timestep_proj = stream[0], context[1]
+    mod = self.scale_shift_table[...].astype(jnp.float32) + timestep_proj.astype(jnp.float32)
+    shift, scale = mod[:, 0:1], mod[:, 1:2]
+    h = (self.norm1(x.astype(jnp.float32)) * (1 + scale) + shift).astype(x.dtype)
+    q, k, _ = self.attn1.project(h, rotary=extras)
+    return q, k
+
 
 class WanTransformer3D(nnx.Module):
   """`model(hidden_states (B,C,F,H,W), timestep (B,), encoder_hidden_states (B,L,text_dim))`.
@@ -195,6 +217,56 @@ class WanTransformer3D(nnx.Module):
     for block in self.blocks:
       x = block(x, context, timestep_proj, rotary, image_context)
     return self.head(x, temb, (b, self.config.output_channels, f, h, w))
+
+  # models.interface.VideoDiT. The job's latents are (B, F, C, H, W); Wan's (B, C, F, H, W).
+  @staticmethod
+  def quant_defaults():
+    """(keep_fp, overrides): patch embedding, output projection and image embedder in bf16.
+
+    Every linear of the blocks (self- and cross-attention, FFN) takes the job's
+    bits. The condition embedder's timestep MLP and projection act on one vector
+    per video and its text MLP on the prompt (the same at every step): 8-bit
+    weights with float activations, as CogVideoX's timestep MLP.
+    """
+    return ((r"^patch_embedding$", r"^proj_out$", r"^condition_embedder\.image_embedder\."),
+            ((r"^condition_embedder\.(time_embedder|time_proj|text_embedder)\b", "w8afp"),))
+
+  @property
+  def latent_channels(self) -> int:
+    return self.config.in_channels
+
+  def condition_shape(self) -> tuple[int, int]:
+    return WAN_TEXT_TOKENS, self.config.text_dim
+
+  def default_scheduler_config(self):
+    return dict(WAN_T2V_SCHEDULER)
+
+  def denoise(self, latents, conditions, timesteps):
+    return self(latents.swapaxes(1, 2), timesteps, conditions).swapaxes(1, 2)
+
+  def latent_tokens(self, latents):
+    pt, ph, pw = self.config.patch_size
+    return einops.rearrange(latents, "(f p) c (h q) (w r) -> (f h w) (c p q r)",
+                            p=pt, q=ph, r=pw)
+
+  def embed_blocks(self, latents, conditions, timesteps) -> BlockState:
+    self._check_inputs(latents.swapaxes(1, 2), timesteps, conditions, None)
+    x, context, _, timestep_proj, _ = self.embed(latents.swapaxes(1, 2), timesteps, conditions)
+    return BlockState((x,), (context, timestep_proj))
+
+  def block_extras(self, frames: int, height: int, width: int):
+    return self.rotary_embedding(frames, height, width)
+
+  def calibration_blocks(self):
+    return [(f"blocks.{i}", b) for i, b in enumerate(self.blocks)]
+
+  def stream_layout(self, frames: int, condition_tokens: int) -> tuple[int, int]:
+    del condition_tokens  # text enters by cross-attention, never the stream
+    return 0, frames // self.config.patch_size[0]
+
+  def layer_tokens(self, path: str) -> str:
+    # Cross-attention keys and values read the text (or image) tokens, not the video.
+    return "context" if re.search(r"attn2\.(to_k|to_v|add_k_proj|add_v_proj)$", path) else "video"
 
   def _check_inputs(self, hidden_states, timestep, encoder_hidden_states, image) -> None:
     cfg = self.config
