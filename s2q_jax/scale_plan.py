@@ -2,6 +2,7 @@
 
   python -m s2q_jax.scale_plan            # the README's table (no weights needed)
   python -m s2q_jax.scale_plan --check    # the CPU calibration benchmarks against it
+  python -m s2q_jax.scale_plan --time     # calibration compute: measured rate and floors
 
 Rows, in GiB:
 - weights in bf16: the transformer, the T5 v1.1 XXL encoder, the VAE decoder;
@@ -122,10 +123,73 @@ def check() -> list[dict]:
   return rows
 
 
+# (hidden, blocks, video tokens + text tokens) at each model's standard video size:
+# CogVideoX 49 × 480 × 720 (13 × 60 × 90 latents, 2 × 2 patches, 226 text tokens);
+# HunyuanVideo-13B 129 × 720 × 1280 (33 × 90 × 160 latents, 1 × 2 × 2 patches, 20 dual- and
+# 40 single-stream blocks, 256 text tokens).
+COMPUTE_MODELS = {"CogVideoX-2B": (1920, 30, 13 * 30 * 45 + 226),
+                  "CogVideoX-5B": (3072, 42, 13 * 30 * 45 + 226),
+                  "HunyuanVideo-13B": (3072, 60, 33 * 45 * 80 + 256)}
+# Dense bf16 matmul peaks (vendor figures), FLOP/s: the floors below divide by these.
+PEAKS = {"one H100 SXM": 989e12, "v5e-8 slice": 8 * 197e12}
+
+
+def block_train_flops(hidden: int, n_tokens: int) -> float:
+  """FLOPs of one training step of one block on one sample: 3 × (linears + attention) forward.
+
+  Per token the block's linears hold 12·d² weights (q, k, v, out: 4d²; the 4×
+  MLP: 8d²; the same count for MMDiT dual- and single-stream blocks), and the
+  scores and value product cost 4·T·d per token; the backward pass is about
+  twice the forward. Quantizer extras (fake quantization, the Kronecker
+  transform's two small matmuls) are below 2% at these widths and left out.
+  """
+  forward = 2 * n_tokens * 12 * hidden**2 + 4 * n_tokens**2 * hidden
+  return 3.0 * forward
+
+
+def compute_table(samples: int = 40, epochs: int = 15) -> tuple[list[dict], float]:
+  """(rows, measured CPU FLOP/s): calibration's training-step compute per model, the CPU
+  rate measured at full length applied to it, and floors at accelerator peaks.
+
+  Only the training steps: targets, token weights, GPTQ and the pool come on top.
+  """
+  measured = os.path.join(RESULTS, "calibration_cogvideox-2b_17776tok_cpu_tiled_2026-12-06.json")
+  with open(measured) as f:
+    cpu = json.load(f)
+  cpu_rate = block_train_flops(cpu["hidden"], cpu["tokens"]) / \
+      cpu["blocks"][0]["seconds_per_sample_epoch"]
+  rows = []
+  for name, (hidden, blocks, n) in COMPUTE_MODELS.items():
+    total = block_train_flops(hidden, n) * samples * epochs * blocks
+    row = {"model": name, "tokens": n, "blocks": blocks,
+           "TFLOP per block and sample-epoch": block_train_flops(hidden, n) / 1e12,
+           f"PFLOP, {samples} samples × {epochs} epochs": total / 1e15,
+           "2-core CPU at its measured rate (days)": total / cpu_rate / 86400}
+    row.update({f"floor, {chip} (minutes)": total / peak / 60 for chip, peak in PEAKS.items()})
+    rows.append(row)
+  return rows, cpu_rate
+
+
+def _print_rows(rows: list[dict]) -> None:
+  keys = list(rows[0])
+  print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+  for r in rows:
+    print("| " + " | ".join(f"{r[k]:,.2f}" if isinstance(r.get(k), float) else
+                            f"{r[k]:,}" if isinstance(r.get(k), int) else str(r.get(k, ""))
+                            for k in keys) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--check", action="store_true", help=check.__doc__)
+  parser.add_argument("--time", action="store_true", help=compute_table.__doc__)
   args = parser.parse_args(argv)
+  if args.time:
+    rows, cpu_rate = compute_table()
+    _print_rows(rows)
+    print(f"\nmeasured: {cpu_rate / 1e9:.1f} GFLOP/s, one CogVideoX-2B block at 17,776 tokens "
+          "on the 2-core CPU; floors: FLOPs / dense bf16 peak (no accelerator has run it)")
+    return
   if args.check:
     rows = check()
     print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))

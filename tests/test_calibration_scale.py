@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,7 +18,8 @@ from s2q_jax import deploy, quant
 from s2q_jax.calibration.pool import build_pool
 from s2q_jax.job_config import base_config
 from s2q_jax.methods import s2q
-from s2q_jax.models import CogVideoXTransformer3D
+from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D
+from s2q_jax.scale_plan import block_train_flops
 from tiny import ONE_BLOCK
 
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
@@ -112,3 +114,24 @@ def test_calibration_benchmark_reports_time_per_sample_epoch(tmp_path):
   (block,) = result["blocks"]
   assert block["seconds_per_sample_epoch"] > 0 and block["peak_host_gib"] > 0
   assert block["first_epoch_seconds"] + block["other_seconds"] < block["seconds"] + 1e-6
+
+
+def test_block_training_flops_match_xla_cost_analysis():
+  """The scale plan's FLOP count of a block's training step against XLA's own count."""
+  cfg = CogVideoXConfig(num_attention_heads=4, attention_head_dim=64, num_layers=1,
+                        text_embed_dim=32, time_embed_dim=64, max_text_seq_length=16)
+  block = CogVideoXTransformer3D(cfg, rngs=nnx.Rngs(0)).transformer_blocks[0]
+  graphdef, state = nnx.split(block)
+  video, text = jnp.zeros((1, 240, cfg.inner_dim)), jnp.zeros((1, 16, cfg.inner_dim))
+  temb = jnp.zeros((1, 64))
+
+  def loss(state, video, text, temb):
+    v, t = nnx.merge(graphdef, state)(video, text, temb, None)
+    return (v ** 2).sum() + (t ** 2).sum()
+
+  def xla_flops(fn):
+    cost = jax.jit(fn).lower(state, video, text, temb).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+  expected = block_train_flops(cfg.inner_dim, 256)
+  assert abs(xla_flops(loss) / (expected / 3) - 1) < 0.05
+  assert abs(xla_flops(jax.grad(loss)) / expected - 1) < 0.05
