@@ -241,7 +241,7 @@ def test_bfloat16_latents_keep_their_dtype(config):
 class _ToyModel(nnx.Module):
   """The toy denoiser as a module, for the model-level entry points (pool, generation)."""
 
-  def __call__(self, x, cond, t):
+  def denoise(self, x, cond, t):
     return _toy_denoiser(jnp)(x, cond, t)
 
 

@@ -2,11 +2,12 @@
 
   python -m s2q_jax.tools.ablation --bits w4a6 --seeds 0,1,2 --workdir workdir/ablation
 
-Variants: s2q (default), the paper's literal global salient selection, band
-quotas ∝ diffusion salience, x̂₀ diffusion salience, uniform selection,
-uniform token weights, no learned Kronecker transform, no learned activation
-clipping, the Kronecker transform started at Hadamard instead of the identity,
-10 selection bands instead of 5. With `--workdir` of a `compare` run the s2q rows are reused. Runs share the model, evaluation noise and conditions,
+Variants: s2q (default), the paper's literal global salient selection, 5
+selection bands (the previous default) with equal quotas or quotas ∝ diffusion
+salience, x̂₀ diffusion salience, uniform selection, uniform token weights, no
+learned Kronecker transform, no learned activation clipping, the Kronecker
+transform started at Hadamard instead of the identity. With `--workdir` of a
+`compare` run the s2q rows are reused. Runs share the model, evaluation noise and conditions,
 FP videos and candidate pool of each seed (`s2q_jax.compare`, whose runner
 this uses); finished runs are not run again. Writes ablation.json / .md / .png.
 """
@@ -20,14 +21,14 @@ from s2q_jax.compare import parse_seeds, run_grid, write_outputs
 VARIANTS = {
     "s2q": ("s2q", {}),
     "salient (literal)": ("s2q", {"calib.selection": "salient"}),
-    "band quota by salience": ("s2q", {"calib.band_quota": "salience"}),
+    "5 bands": ("s2q", {"calib.bands": 5}),
+    "5 bands with salience quotas": ("s2q", {"calib.bands": 5, "calib.band_quota": "salience"}),
     "x0 diffusion salience": ("s2q", {"calib.diffusion_salience": "x0"}),
     "uniform selection": ("s2q", {"calib.selection": "uniform"}),
     "uniform token weights": ("s2q", {"distill.token_weighting": "uniform"}),
     "no learned transform": ("s2q", {"distill.transform": "none"}),
     "no activation clipping": ("s2q", {"distill.act_clip": False}),
     "Hadamard transform start": ("s2q", {"distill.transform_init": "hadamard"}),
-    "10 bands": ("s2q", {"calib.bands": 10}),
 }
 
 
