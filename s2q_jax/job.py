@@ -29,7 +29,7 @@ from s2q_jax.calibration import pool as pool_lib
 from s2q_jax.generation import generate
 from s2q_jax.job_validation import REPLACED_DISTRIBUTED, validate, validate_devices  # noqa: F401
 from s2q_jax.methods import CALIBRATORS
-from s2q_jax.models import HunyuanVideoTransformer3D, UnsupportedConfigError
+from s2q_jax.models import UnsupportedConfigError
 from s2q_jax.pretrained import load_pretrained
 from s2q_jax.sampling import sample_keys
 from s2q_jax.sampling.scheduler_config import scheduler_for
@@ -50,10 +50,6 @@ def load_model(cfg: ConfigDict):
     raise UserError(f"model.path {folder!r} is not a supported model: {e}") from None
   except OSError as e:
     raise outputs.io_error(e.filename or folder, e, "read") from None
-  if isinstance(model, HunyuanVideoTransformer3D):
-    raise UserError(f"model.path {folder!r} holds a HunyuanVideo transformer: s2q_jax.models "
-                    "loads and converts it, but the quantization job does not run it yet "
-                    "(its prompts need a mask and pooled embeddings); CogVideoX and Wan work")
   if getattr(model.config, "image_dim", None) is not None:
     raise UserError(f"model.path {folder!r} holds an image-to-video Wan model: the job has no "
                     "image conditions to give it; use a text-to-video Wan or CogVideoX")
@@ -63,10 +59,13 @@ def load_model(cfg: ConfigDict):
 def eval_inputs(cfg: ConfigDict, model, folder: str,
                 prompts: pipeline_lib.Conditions | None = None,
                 pipe: pipeline_lib.Pipeline | None = None):
-  """Noise, conditions, null condition and names of the evaluation videos.
+  """Noise, conditions, null condition, names of the evaluation videos, and the
+  classifier-free guidance scale to sample them with.
 
   With a pipeline, `prompts` are the embedded prompts and eval.frames/height/
-  width the decoded size; otherwise the latent size.
+  width the decoded size; otherwise the latent size. The guidance scale is
+  `sampler.guidance_scale` as the model applies it (`VideoDiT.apply_guidance`:
+  1, no null-prompt pass, for a model that embeds it in its conditions).
   """
   n = cfg.eval.num_videos
   size = (cfg.eval.frames, cfg.eval.height, cfg.eval.width)
@@ -82,12 +81,12 @@ def eval_inputs(cfg: ConfigDict, model, folder: str,
     idx = np.arange(n) % len(names)
     cond, uncond, names = table[idx], table[-1], [names[i] for i in idx]
   else:  # a real model's transformer alone: no text encoder here, so random stand-in "prompts"
-    rng = np.random.default_rng(cfg.seed)
-    cond = rng.standard_normal((n, *model.condition_shape()), np.float32)
-    uncond, names = np.zeros_like(cond[0]), [f"random-{i}" for i in range(n)]
+    cond, uncond = model.stand_in_conditions(np.random.default_rng(cfg.seed), n)
+    names = [f"random-{i}" for i in range(n)]
+  cond, uncond, cfg_scale = model.apply_guidance(cond, uncond, cfg.sampler.guidance_scale)
   shape = (n, size[0], model.latent_channels, size[1], size[2])
   noise = np.asarray(jax.random.normal(jax.random.key(cfg.seed), shape), np.float32)
-  return noise, cond, uncond, names
+  return noise, cond, uncond, names, cfg_scale
 
 
 class _Stages:
@@ -147,7 +146,7 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
         print("note: without a pipeline folder there is no text encoder, so the videos are "
               "conditioned on random stand-in prompts; for real prompts pass the pipeline folder "
               "(the one with model_index.json) as --config.model.path", flush=True)
-      noise, cond, uncond, names = eval_inputs(cfg, model, folder)
+      noise, cond, uncond, names, cfg_scale = eval_inputs(cfg, model, folder)
     else:  # the prompts are embedded below, once the workdir that caches them exists
       pipe.latent_size(cfg.eval.frames, cfg.eval.height, cfg.eval.width)
       folder = pipe.root  # its digest covers the text encoder, VAE and scheduler as well
@@ -170,9 +169,10 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
       prompts = pipeline_lib.embed(
           pipe, prompt_sets, max_length=model.config.max_text_seq_length,
           dtype=cfg.model.dtype, cache_path=os.path.join(workdir, pipeline_lib.CACHE_NAME))
-    noise, cond, uncond, names = eval_inputs(cfg, model, folder, prompts["eval"], pipe)
+    noise, cond, uncond, names, cfg_scale = eval_inputs(cfg, model, folder, prompts["eval"],
+                                                        pipe)
   # The per-step noise of a stochastic scheduler: video i draws from fold_in(key, i).
-  gen = dict(num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
+  gen = dict(num_steps=cfg.sampler.num_steps, guidance_scale=cfg_scale,
              scheduler=scheduler, key=jax.random.fold_in(jax.random.key(cfg.seed), 1),
              mesh=generation_mesh(cfg))
   with stage("fp_generation", f"generating {len(noise)} full-precision videos"):
@@ -193,7 +193,8 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
     with stage("calibration", f"calibrating ({cfg.method})"):
       mesh = sharding.make_mesh(cfg.mesh.model)
       try:
-        calibration = calibrator(model, fp_model, pool, cfg, workdir, mesh)
+        calibration = calibrator(model, fp_model, pool, _as_sampled(cfg, cfg_scale), workdir,
+                                 mesh)
       except ValueError as e:
         raise UserError(f"{cfg.method}: {e}") from None
     del fp_model
@@ -234,7 +235,9 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
         "layers": {"quantized": [l.path for l in layers if l.quantized],
                    "full_precision": [l.path for l in layers if not l.quantized]},
         "eval": {"num_videos": len(noise), "num_steps": cfg.sampler.num_steps,
-                 "guidance_scale": cfg.sampler.guidance_scale, "seed": cfg.seed,
+                 "guidance_scale": cfg.sampler.guidance_scale,
+                 "classifier_free_scale": cfg_scale,  # 1: no null-prompt pass
+                 "seed": cfg.seed,
                  "scheduler": type(scheduler).__name__, "conditions": names,
                  "video_shape": list(fp.shape[1:]), "pixels": pipe is not None},
         "videos": videos, **({"mp4": mp4s} if mp4s else {}),
@@ -325,15 +328,25 @@ def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str, sche
   calib = cfg.copy_and_resolve_references()
   calib.eval.num_videos = cfg.calib.num_prompts
   calib.seed = cfg.seed + 1  # calibration noise differs from evaluation noise
-  noise, cond, uncond, _ = eval_inputs(calib, fp_model, folder, prompts, pipe)
+  noise, cond, uncond, _, cfg_scale = eval_inputs(calib, fp_model, folder, prompts, pipe)
   pool = pool_lib.build_pool(fp_model, cond, uncond, noise, num_steps=cfg.sampler.num_steps,
-                             guidance_scale=cfg.sampler.guidance_scale, scheduler=scheduler,
+                             guidance_scale=cfg_scale, scheduler=scheduler,
                              key=jax.random.fold_in(jax.random.key(calib.seed), 1))
   finite.check_arrays("calibration pool (full-precision sampler)",
                       {f.name: getattr(pool, f.name) for f in dataclasses.fields(pool)},
                       "the model's activations overflow; try --config.model.dtype=float32")
   multihost.on_writer(lambda: outputs.save_npz(path, dataclasses.asdict(pool), key))
   return pool
+
+
+def _as_sampled(cfg: ConfigDict, cfg_scale: float) -> ConfigDict:
+  """`cfg` with the guidance scale the sampler applies, as the methods see it: without a
+  null-prompt pass (a model that embeds the guidance) they calibrate on no null-prompt twins."""
+  if cfg_scale == cfg.sampler.guidance_scale:
+    return cfg
+  cfg = cfg.copy_and_resolve_references()
+  cfg.sampler.guidance_scale = float(cfg_scale)
+  return cfg
 
 
 def _bf16_file_bytes(model, workdir: str) -> int:

@@ -1,4 +1,4 @@
-"""Every method on every architecture the job runs (CogVideoX, Wan 2.1), through the main job.
+"""Every method on every architecture (CogVideoX, Wan 2.1, HunyuanVideo), through the main job.
 
 Each run starts from a tiny random model saved as a diffusers folder, calibrates,
 exports, reloads the export on the reference kernels and generates from it; the
@@ -16,8 +16,8 @@ from conversion.flax_to_diffusers import save_diffusers
 from s2q_jax import compare, job
 from s2q_jax.job_config import base_config
 from s2q_jax.methods import METHODS
-from s2q_jax.models import (CogVideoXConfig, CogVideoXTransformer3D, WanConfig, WanTransformer3D,
-                            interface)
+from s2q_jax.models import (CogVideoXConfig, CogVideoXTransformer3D, HunyuanVideoConfig,
+                            HunyuanVideoTransformer3D, WanConfig, WanTransformer3D, interface)
 from s2q_jax.quant import quantized_layers
 
 ARCHITECTURES = {
@@ -29,7 +29,15 @@ ARCHITECTURES = {
     "wan": (WanTransformer3D, WanConfig(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
         out_channels=4, text_dim=16, freq_dim=32, ffn_dim=40, num_layers=2, rope_max_seq_len=32)),
+    "hunyuan_video": (HunyuanVideoTransformer3D, HunyuanVideoConfig(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6))),
 }
+
+
+def _num_blocks(config) -> int:
+  return config.num_layers + getattr(config, "num_single_layers", 0)
 TINY = {"eval.num_videos": 2, "eval.frames": 2, "eval.height": 8, "eval.width": 8,
         "sampler.num_steps": 3, "calib.num_prompts": 2, "calib.num_samples": 4,
         "distill.epochs": 1, "distill.batch_size": 2, "q_vdit.epochs": 1,
@@ -81,13 +89,16 @@ def test_method_runs_exports_and_reloads(model_dir, method, tmp_path, monkeypatc
   assert report["method"] == method and np.isfinite(report["metrics"]["psnr"])
   assert report["layers"]["quantized"], "no layer was quantized"
   assert os.path.exists(os.path.join(report["checkpoint"], "config.json"))
+  # HunyuanVideo embeds the guidance scale: no null-prompt pass, so no null-prompt twins.
+  embedded = arch == "hunyuan_video"
+  assert report["eval"]["classifier_free_scale"] == (1.0 if embedded else 5.0)
   if method != "rtn":
-    assert report["calibration"]["selection"]["uncond"] == 2  # the null-prompt twins
+    assert report["calibration"]["selection"]["uncond"] == (0 if embedded else 2)
   fake, reloaded = seen["fake_quant"], seen["deployed"]
   assert type(reloaded) is type(fake)
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.standard_normal((2, 2, 4, 8, 8)), jnp.float32)
-  c = jnp.asarray(rng.standard_normal((2, *fake.condition_shape())), jnp.float32)
+  c = jnp.asarray(fake.apply_guidance(*fake.stand_in_conditions(rng, 2), 5.0)[0])
   t = jnp.asarray([900, 100])
   fq, out = np.asarray(fake.denoise(x, c, t)), np.asarray(reloaded.denoise(x, c, t))
   # Same integer codes and scales; only the order of float operations differs.
@@ -111,10 +122,10 @@ def test_every_architecture_implements_the_model_interface():
   for model_type, config in ARCHITECTURES.values():
     model = interface.check(model_type(config, rngs=nnx.Rngs(0)))
     names = [name for name, _ in model.calibration_blocks()]
-    assert len(names) == config.num_layers
+    assert len(names) == _num_blocks(config)
     for name, block in model.calibration_blocks():
       assert hasattr(block, "calibration_call") and hasattr(block, "self_attention_qk"), name
-      assert all(model.layer_tokens(path) in ("stream", "video", "context")
+      assert all(model.layer_tokens(f"{name}.{path}") in ("stream", "video", "context")
                  for path, _ in _linears(block))
 
 
@@ -128,9 +139,9 @@ def test_block_states_have_the_declared_layout():
   rng = np.random.default_rng(0)
   for model_type, config in ARCHITECTURES.values():
     model = model_type(config, rngs=nnx.Rngs(3))
-    length, dim = 6, 16
     x = jnp.asarray(rng.standard_normal((2, 2, 4, 8, 8)), jnp.float32)
-    c = jnp.asarray(rng.standard_normal((2, length, dim)), jnp.float32)
+    c = jnp.asarray(model.apply_guidance(*model.stand_in_conditions(rng, 2), 5.0)[0])
+    length = c.shape[1]
     t = jnp.asarray([700, 20])
     state = model.embed_blocks(x, c, t)
     extras = model.block_extras(2, 8, 8)
@@ -141,8 +152,10 @@ def test_block_states_have_the_declared_layout():
     n_lead, frames = model.stream_layout(2, length)
     tokens = jnp.concatenate(stream, axis=1)
     assert frames == 2 and (tokens.shape[1] - n_lead) % frames == 0
-    q, k = model.calibration_blocks()[0][1].self_attention_qk(state.stream, state.context, extras)
-    assert q.shape[2] == k.shape[2] == jnp.concatenate(state.stream, axis=1).shape[1]
+    for _, block in model.calibration_blocks():
+      q, k, valid = block.self_attention_qk(state.stream, state.context, extras)
+      assert q.shape[2] == k.shape[2] == jnp.concatenate(state.stream, axis=1).shape[1]
+      assert valid is None or valid.shape == (2, k.shape[2])
     assert model.denoise(x, c, t).shape == x.shape
 
 

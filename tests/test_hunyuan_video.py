@@ -253,10 +253,83 @@ def test_parameter_paths_are_diffusers_keys(hunyuan_dir):
   assert "transformer_blocks.0.attn.to_out.kernel" in paths  # diffusers: attn.to_out.0.weight
 
 
-def test_quantization_job_refuses_hunyuan_video_clearly(hunyuan_dir):
-  from ml_collections import ConfigDict
-  from s2q_jax import job
-  from s2q_jax.errors import UserError
-  with pytest.raises(UserError, match="holds a HunyuanVideo transformer: .* the "
-                                      "quantization job does not run it yet"):
-    job.load_model(ConfigDict({"model": {"path": str(hunyuan_dir[0]), "dtype": None}}))
+# The VideoDiT interface the quantization job runs HunyuanVideo through (models.interface).
+
+def test_packed_conditions_denoise_is_the_diffusers_forward(hunyuan_dir):
+  """Job layout (B, F, C, H, W) and packed conditions in, the diffusers sample out."""
+  from s2q_jax.models.hunyuan_video import conditions
+  path, tm = hunyuan_dir
+  model = load_pretrained(str(path), jnp.float32)
+  inputs = make_inputs(dict(tm.config), 2, 3, 4, 6, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+  packed = conditions.pack(model.config, inputs["encoder_hidden_states"],
+                           inputs["encoder_attention_mask"], inputs["pooled_projections"],
+                           inputs["guidance"])
+  back = conditions.unpack(model.config, packed)
+  np.testing.assert_array_equal(back.text, inputs["encoder_hidden_states"])
+  np.testing.assert_array_equal(back.mask, inputs["encoder_attention_mask"].astype(bool))
+  np.testing.assert_array_equal(back.pooled, inputs["pooled_projections"])
+  np.testing.assert_array_equal(back.guidance, inputs["guidance"])
+  latents = jnp.asarray(inputs["hidden_states"]).swapaxes(1, 2)
+  out = nnx.jit(lambda m, x, c, t: m.denoise(x, c, t))(
+      model, latents, jnp.asarray(packed), jnp.asarray(inputs["timestep"]))
+  assert relative_error(np.asarray(out).swapaxes(1, 2), torch_forward(tm, inputs)) <= 1e-4
+  with pytest.raises(ValueError, match="packed"):
+    model.denoise(latents, jnp.asarray(inputs["encoder_hidden_states"]), inputs["timestep"])
+
+
+def test_block_by_block_is_the_forward():
+  """embed_blocks → every block's calibration_call (text-first streams) → head = the model."""
+  config = HunyuanVideoConfig(**{**TINY, "num_layers": 2, "num_single_layers": 2})
+  model = HunyuanVideoTransformer3D(config, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(3)
+  cond, _ = model.stand_in_conditions(rng, 2)
+  cond, _, cfg_scale = model.apply_guidance(cond, cond[0], 6.0)
+  assert cfg_scale == 1.0  # guidance-distilled: no null-prompt pass
+  latents = jnp.asarray(rng.standard_normal((2, 2, 4, 4, 6)), jnp.float32)
+  t = jnp.asarray([800.0, 30.0])
+  state = model.embed_blocks(latents, jnp.asarray(cond), t)
+  stream = state.stream
+  extras = model.block_extras(2, 4, 6)
+  for _, block in model.calibration_blocks():
+    stream = block.calibration_call(stream, state.context, extras)
+  text, video = stream
+  assert text.shape[1] == model.stream_layout(2, cond.shape[1])[0]
+  out = model.head(video, state.context[0], (2, 4, 2, 4, 6)).swapaxes(1, 2)
+  np.testing.assert_allclose(out, model.denoise(latents, jnp.asarray(cond), t), rtol=0,
+                             atol=1e-5)
+  _, _, valid = model.calibration_blocks()[-1][1].self_attention_qk(state.stream, state.context,
+                                                                    extras)
+  mask = np.asarray(cond)[:, :-1, -1] > 0.5  # the packed prompts' masks
+  assert not mask.all()
+  np.testing.assert_array_equal(valid[:, :mask.shape[1]], mask)  # text first: the prompt's mask
+  assert bool(np.all(valid[:, mask.shape[1]:]))  # every video token
+
+
+def test_stand_in_prompts_guidance_and_token_roles():
+  from s2q_jax.models.hunyuan_video import conditions
+  model = HunyuanVideoTransformer3D(HunyuanVideoConfig(**TINY), rngs=nnx.Rngs(0))
+  cond, null = model.stand_in_conditions(np.random.default_rng(0), 4)
+  assert cond.shape == (4, *model.condition_shape()) and null.shape == cond.shape[1:]
+  c = conditions.unpack(model.config, cond)
+  valid = np.asarray(c.mask).sum(1)
+  assert np.all(valid >= conditions.HUNYUAN_TEXT_TOKENS // 2) and len(set(valid.tolist())) > 1
+  assert np.all(np.asarray(c.mask)[np.arange(4), valid - 1])  # valid tokens come first
+  assert conditions.unpack(model.config, null[None]).mask.sum() == 1
+  guided, guided_null, scale = model.apply_guidance(cond, null, 6.0)
+  assert scale == 1.0 and np.all(conditions.unpack(model.config, guided).guidance == 6000.0)
+  assert conditions.unpack(model.config, guided_null[None]).guidance[0] == 6000.0
+  cfg_model = HunyuanVideoTransformer3D(HunyuanVideoConfig(**TINY, guidance_embeds=False),
+                                        rngs=nnx.Rngs(0))
+  assert cfg_model.apply_guidance(cond, null, 6.0)[2] == 6.0  # classifier-free instead
+  roles = {p: model.layer_tokens(p) for p in (
+      "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+      "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff_context.net.0.proj",
+      "transformer_blocks.0.ff.net.2", "single_transformer_blocks.0.attn.to_q",
+      "single_transformer_blocks.0.proj_out")}
+  assert roles == {"transformer_blocks.0.attn.to_q": "video",
+                   "transformer_blocks.0.attn.add_k_proj": "context",
+                   "transformer_blocks.0.attn.to_add_out": "context",
+                   "transformer_blocks.0.ff_context.net.0.proj": "context",
+                   "transformer_blocks.0.ff.net.2": "video",
+                   "single_transformer_blocks.0.attn.to_q": "stream",
+                   "single_transformer_blocks.0.proj_out": "stream"}

@@ -7,9 +7,11 @@ import pytest
 from s2q_jax.distillation import attention_token_importance, token_weights, weighted_token_mse
 
 
-def _dense(q, k, scale=None):
+def _dense(q, k, scale=None, key_valid=None):
   scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
   s = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k.astype(np.float64)) * scale
+  if key_valid is not None:
+    s = np.where(key_valid[:, None, None, :], s, -np.inf)
   p = np.exp(s - s.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   return p.sum(axis=(1, 2))
@@ -26,6 +28,30 @@ def test_matches_dense_map(b, h, nq, nk, d, block):
   assert got.shape == (b, nk)
   np.testing.assert_allclose(got, _dense(q, k), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(got.sum(-1), h * nq, rtol=1e-4)  # every query's row sums to one
+
+
+@pytest.mark.parametrize("block", [8, 64])
+def test_masked_keys_receive_nothing_and_take_nothing(block):
+  """A padded prompt token no query may see: the dense map with those keys masked out."""
+  rng = np.random.default_rng(11)
+  q = rng.standard_normal((2, 2, 30, 8)).astype(np.float32)
+  k = rng.standard_normal((2, 2, 30, 8)).astype(np.float32)
+  valid = np.ones((2, 30), bool)
+  valid[0, 20:] = False
+  valid[1, [3, 17]] = False
+  got = np.asarray(attention_token_importance(jnp.asarray(q), jnp.asarray(k), jnp.asarray(valid),
+                                              block_size=block))
+  np.testing.assert_allclose(got, _dense(q, k, key_valid=valid), rtol=1e-4, atol=1e-5)
+  assert np.all(got[~valid] == 0)
+  np.testing.assert_allclose(got.sum(-1), 2 * 30, rtol=1e-4)  # queries still spread their one
+
+
+def test_token_weights_over_valid_tokens_only():
+  s = jnp.array([[1.0, 3.0, 0.0, 2.0], [4.0, 0.0, 4.0, 4.0]])
+  valid = jnp.array([[True, True, False, True], [True, False, True, True]])
+  # Min and max over the valid tokens (the masked 0 would otherwise be the minimum).
+  np.testing.assert_allclose(token_weights(s, valid=valid),
+                             [[0.5, 1.0, 0.0, 0.75], [1.0, 0.0, 1.0, 1.0]])
 
 
 def test_scale_bf16_and_peaked_logits():

@@ -25,13 +25,16 @@ def _tiles(x: jax.Array, block: int, fill: float = 0.0):
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
-def attention_token_importance(q: jax.Array, k: jax.Array, *, block_size: int = 512,
-                               scale: float | None = None) -> jax.Array:
+def attention_token_importance(q: jax.Array, k: jax.Array, key_valid: jax.Array | None = None,
+                               *, block_size: int = 512, scale: float | None = None
+                               ) -> jax.Array:
   """(B, n_k): softmax attention each key receives, summed over heads and queries.
 
   Args:
     q: queries (B, H, n_q, d), after any qk-norm and rotary embedding.
     k: keys (B, H, n_k, d); n_q and n_k need not be multiples of block_size.
+    key_valid: optional (B, n_k) boolean, the keys the model's attention mask
+      lets queries see (padded prompt tokens are not); masked keys receive 0.
     block_size: query and key tile length.
     scale: logit scale, 1/√d when None.
 
@@ -45,7 +48,8 @@ def attention_token_importance(q: jax.Array, k: jax.Array, *, block_size: int = 
   scale = d ** -0.5 if scale is None else scale
   q = q.astype(jnp.float32) * scale
   q_tiles, k_tiles = _tiles(q, block_size), _tiles(k.astype(jnp.float32), block_size)
-  key_valid = _tiles(jnp.ones((1, 1, n_k, 1), bool), block_size)[..., 0]  # (T, 1, 1, block)
+  valid = jnp.ones((1, n_k), bool) if key_valid is None else jnp.asarray(key_valid, bool)
+  key_valid = _tiles(valid[:, None, :, None], block_size)[..., 0]  # (T, 1 or B, 1, block)
 
   def logits(qt, kt, valid):
     s = jnp.einsum("bhqd,bhkd->bhqk", qt, kt)
@@ -81,16 +85,19 @@ def attention_token_importance(q: jax.Array, k: jax.Array, *, block_size: int = 
   return jnp.moveaxis(per_tile, 0, 1).reshape(b, -1)[:, :n_k]
 
 
-def token_weights(importance: jax.Array, lam_min: float = 0.5, lam_max: float = 1.0
-                  ) -> jax.Array:
+def token_weights(importance: jax.Array, lam_min: float = 0.5, lam_max: float = 1.0,
+                  valid: jax.Array | None = None) -> jax.Array:
   """λ_j = λ_min + (λ_max − λ_min)(S_j − min S)/(max S − min S) per batch row.
 
   A row whose tokens are all equally important gets λ_max everywhere (plain MSE).
+  With `valid` (B, n) boolean, min and max run over the valid tokens and the
+  others get λ = 0: no query ever reads them, so their errors cost nothing.
   """
-  lo = importance.min(axis=-1, keepdims=True)
-  span = importance.max(axis=-1, keepdims=True) - lo
+  ok = jnp.ones(importance.shape, bool) if valid is None else jnp.asarray(valid, bool)
+  lo = jnp.where(ok, importance, jnp.inf).min(axis=-1, keepdims=True)
+  span = jnp.where(ok, importance, -jnp.inf).max(axis=-1, keepdims=True) - lo
   frac = jnp.where(span > 0, (importance - lo) / jnp.where(span > 0, span, 1.0), 1.0)
-  return lam_min + (lam_max - lam_min) * frac
+  return jnp.where(ok, lam_min + (lam_max - lam_min) * frac, 0.0)
 
 
 def weighted_token_mse(y_fp: jax.Array, y_q: jax.Array, weights: jax.Array) -> jax.Array:

@@ -108,8 +108,11 @@ def _layer_inputs(block, paths: set[str], state: BlockState, extras, *, transfor
 
 @nnx.jit
 def _block_importance(block, stream, context, extras):
-  q, k = block.self_attention_qk(stream, context, extras)
-  return attention_token_importance(q, k, block_size=256)
+  """(attention each stream token receives, whether queries may see it at all)."""
+  q, k, valid = block.self_attention_qk(stream, context, extras)
+  if valid is None:
+    valid = jnp.ones(k.shape[::2], bool)
+  return attention_token_importance(q, k, valid, block_size=256), valid
 
 
 def init_smoothing(layers: list[tuple[str, QuantLinear]], inputs: dict, alpha: float) -> None:
@@ -207,10 +210,10 @@ def calibrate_blocks(q_model: nnx.Module, fp_model: nnx.Module, data: Pool, reci
     target = run(fp_block, stream)
     quantized_in = BlockState(stream_q, context)
     if recipe.token_weighting == "attention":
-      importance = _batched(lambda s_, c_: _block_importance(fp_block, s_, c_, extras),
-                            (stream, context))
+      importance, valid = _batched(lambda s_, c_: _block_importance(fp_block, s_, c_, extras),
+                                   (stream, context))
       weights = np.asarray(token_weights(jnp.asarray(importance), recipe.lam_min,
-                                         recipe.lam_max))
+                                         recipe.lam_max, jnp.asarray(valid)))
     else:
       weights = np.ones(tokens(stream).shape[:2], np.float32)
     smoothed = [(p, l) for p, l in layers if l.smooth is not None]

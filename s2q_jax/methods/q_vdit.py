@@ -67,7 +67,7 @@ def recipe(cfg, model: VideoDiT, frames: int, n_lead: int) -> BlockRecipe:
       if not isinstance(layer, TokenAwareLinear):
         replace_module(block, path, TokenAwareLinear(
             layer, w_bits=layer.w_bits, a_bits=layer.a_bits, path=f"{name}.{path}", frames=frames,
-            n_text=leading[model.layer_tokens(path)], seed=cfg.seed))
+            n_text=leading[model.layer_tokens(f"{name}.{path}")], seed=cfg.seed))
 
   lr = cfg.q_vdit.lr_estimator
   return BlockRecipe(

@@ -14,7 +14,7 @@ from flax import nnx
 from s2q_jax.models import embeddings
 from s2q_jax.models.attention import JointAttention
 from s2q_jax.models.config import CogVideoXConfig
-from s2q_jax.models.interface import BlockState
+from s2q_jax.models.interface import BlockState, TextEmbeddingConditions
 from s2q_jax.models.layers import LayerNorm, Linear, gelu_tanh
 
 
@@ -113,7 +113,7 @@ class CogVideoXBlock(nnx.Module):
     text, video = stream
     n_v, n_t, _, _ = self.norm1(video, text, context[0])
     q, k, _ = self.attn1.project(jnp.concatenate([n_t, n_v], axis=1), text.shape[1], extras)
-    return q, k
+    return q, k, None  # every key is visible
 
 
 class TimestepEmbedding(nnx.Module):
@@ -138,7 +138,7 @@ class AdaLayerNormOut(nnx.Module):
     return self.norm(x) * (1 + scale) + shift
 
 
-class CogVideoXTransformer3D(nnx.Module):
+class CogVideoXTransformer3D(nnx.Module, TextEmbeddingConditions):
   """`model(hidden_states (B,F,C,H,W), encoder_hidden_states (B,L,D_text), timestep (B,))`."""
 
   def __init__(self, config: CogVideoXConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):

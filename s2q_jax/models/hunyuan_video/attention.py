@@ -4,7 +4,10 @@
 * `JointAttention`: the dual-stream blocks'; video and text have their own
   projections and qk-norms, attend jointly over [video; text].
 * `SingleStreamAttention`: the single-stream blocks'; one set of projections
-  on [video; text] and no output projection (the block's `proj_out` is it).
+  on the joint sequence and no output projection (the block's `proj_out` is
+  it). Its blocks order it [text; video] where diffusers has [video; text]:
+  token-wise layers and attention do not see the order, and text first is the
+  layout every block stream has for calibration (`models.interface`).
 
 `project` returns q, k, v exactly as the scores see them, (B, H, S, D), so
 calibration can read the full-precision attention without materialising the
@@ -56,13 +59,15 @@ def _merge_heads(x: jax.Array) -> jax.Array:
   return x.swapaxes(1, 2).reshape(b, s, h * d)
 
 
-def _rotate_video(x: jax.Array, rotary: Rotary | None) -> jax.Array:
-  """RoPE on the leading video tokens of (B, H, S, D) x; trailing text tokens unrotated."""
+def _rotate_video(x: jax.Array, rotary: Rotary | None, start: int = 0) -> jax.Array:
+  """RoPE on the video tokens of (B, H, S, D) x, tokens [start, start + len(cos)); text
+  tokens on either side stay unrotated."""
   if rotary is None:
     return x
   cos, sin = rotary
-  n = cos.shape[0]
-  return jnp.concatenate([apply_rotary(x[:, :, :n], cos, sin), x[:, :, n:]], axis=2)
+  end = start + cos.shape[0]
+  return jnp.concatenate([x[:, :, :start], apply_rotary(x[:, :, start:end], cos, sin),
+                          x[:, :, end:]], axis=2)
 
 
 class SelfAttention(nnx.Module):
@@ -133,13 +138,15 @@ class SingleStreamAttention(nnx.Module):
     self.norm_q = RMSNorm(head_dim, eps=1e-6, dtype=dtype)
     self.norm_k = RMSNorm(head_dim, eps=1e-6, dtype=dtype)
 
-  def project(self, x: jax.Array, rotary: Rotary | None = None):
-    """q, k, v (B, H, S, D) of x = [video; text]; RoPE on the first len(cos) tokens."""
+  def project(self, x: jax.Array, rotary: Rotary | None = None, n_text: int = 0):
+    """q, k, v (B, H, S, D) of x = [text; video] with n_text text tokens; RoPE on the video."""
     h = self.heads
-    q = _rotate_video(self.norm_q(_split_heads(self.to_q(x), h)), rotary)
-    k = _rotate_video(self.norm_k(_split_heads(self.to_k(x), h)), rotary)
+    q = _rotate_video(self.norm_q(_split_heads(self.to_q(x), h)), rotary, n_text)
+    k = _rotate_video(self.norm_k(_split_heads(self.to_k(x), h)), rotary, n_text)
     return q, k, _split_heads(self.to_v(x), h)
 
-  def __call__(self, x: jax.Array, mask: jax.Array, rotary: Rotary | None = None) -> jax.Array:
-    """(B, S, dim) → (B, S, heads·head_dim), before any output projection."""
-    return _merge_heads(masked_attention(*self.project(x, rotary), mask))
+  def __call__(self, x: jax.Array, mask: jax.Array, rotary: Rotary | None = None,
+               n_text: int = 0) -> jax.Array:
+    """(B, S, dim) → (B, S, heads·head_dim), before any output projection; `mask` (B, 1, 1, S)
+    over x's keys."""
+    return _merge_heads(masked_attention(*self.project(x, rotary, n_text), mask))

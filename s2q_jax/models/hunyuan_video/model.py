@@ -5,8 +5,15 @@ NNX path reads like its PyTorch key (`keymap` has the few renames). The
 forward is split as for CogVideoX so calibration can run block by block:
 `embed` → each of `transformer_blocks`, then each of
 `single_transformer_blocks` (same call signature) → `head`.
+
+It implements `models.interface.VideoDiT` as well: its conditions are the
+packed arrays of `hunyuan_video.conditions`, and the job's guidance scale is
+the embedded one (as `HunyuanVideoPipeline`'s guidance_scale), with no
+classifier-free pass, for guidance-distilled checkpoints.
 """
 from __future__ import annotations
+
+import re
 
 import einops
 import jax
@@ -14,13 +21,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from s2q_jax.models.hunyuan_video import conditions as conditions_lib
 from s2q_jax.models.hunyuan_video.blocks import DualStreamBlock, SingleStreamBlock
 from s2q_jax.models.hunyuan_video.config import HunyuanVideoConfig
 from s2q_jax.models.hunyuan_video.embeddings import (PatchEmbed, TimestepTextEmbedding,
                                                      rotary_pos_embed_3d)
 from s2q_jax.models.hunyuan_video.layers import AdaLayerNormContinuous
 from s2q_jax.models.hunyuan_video.token_refiner import TokenRefiner
+from s2q_jax.models.interface import BlockState
 from s2q_jax.models.layers import Linear
+
+# The scheduler HunyuanVideo's pipelines ship (scheduler/scheduler_config.json of
+# hunyuanvideo-community/HunyuanVideo): flow-matching Euler with shift 7.
+HUNYUAN_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 7.0,
+                     "num_train_timesteps": 1000}
 
 
 class HunyuanVideoTransformer3D(nnx.Module):
@@ -104,6 +118,80 @@ class HunyuanVideoTransformer3D(nnx.Module):
     for block in self.single_transformer_blocks:
       video, text = block(video, text, temb, mask, rotary)
     return self.head(video, temb, (b, self.config.output_channels, f, h, w))
+
+  # models.interface.VideoDiT. The job's latents are (B, F, C, H, W); HunyuanVideo's (B, C, F, H, W).
+  @staticmethod
+  def quant_defaults():
+    """(keep_fp, overrides): patch embedding and output projection in bf16.
+
+    Every linear of the dual- and single-stream blocks takes the job's bits.
+    What acts on one vector per video (the timestep, pooled-text and guidance
+    MLPs, the final modulation) and the token refiner, which reads the prompt
+    once per step, get 8-bit weights with float activations, as CogVideoX's
+    timestep MLP does.
+    """
+    return ((r"^x_embedder\.", r"^proj_out$"),
+            ((r"^(time_text_embed|context_embedder)\.", "w8afp"),
+             (r"^norm_out\.linear$", "w8afp")))
+
+  @property
+  def latent_channels(self) -> int:
+    return self.config.in_channels
+
+  def condition_shape(self) -> tuple[int, int]:
+    return conditions_lib.HUNYUAN_TEXT_TOKENS + 1, conditions_lib.packed_width(self.config)
+
+  def stand_in_conditions(self, rng, n):
+    return conditions_lib.stand_in(self.config, rng, n)
+
+  def apply_guidance(self, conditions, null, guidance_scale):
+    if not self.config.guidance_embeds:  # a model trained with classifier-free guidance
+      return conditions, null, guidance_scale
+    embedded = conditions_lib.GUIDANCE_MULTIPLIER * guidance_scale
+    return (conditions_lib.with_guidance(conditions, embedded),
+            conditions_lib.with_guidance(null, embedded), 1.0)
+
+  def default_scheduler_config(self):
+    return dict(HUNYUAN_SCHEDULER)
+
+  def _model_inputs(self, latents, conditions):
+    c = conditions_lib.unpack(self.config, conditions)
+    guidance = c.guidance if self.config.guidance_embeds else None
+    return latents.swapaxes(1, 2), c.text, c.mask, c.pooled, guidance
+
+  def denoise(self, latents, conditions, timesteps):
+    x, text, mask, pooled, guidance = self._model_inputs(latents, conditions)
+    return self(x, timesteps, text, mask, pooled, guidance).swapaxes(1, 2)
+
+  def latent_tokens(self, latents):
+    p, pt = self.config.patch_size, self.config.patch_size_t
+    return einops.rearrange(latents, "(f pt) c (h p) (w q) -> (f h w) (c pt p q)",
+                            pt=pt, p=p, q=p)
+
+  def embed_blocks(self, latents, conditions, timesteps) -> BlockState:
+    x, text, mask, pooled, guidance = self._model_inputs(latents, conditions)
+    self._check_inputs(x, timesteps, text, mask, pooled, guidance)
+    video, text, temb, keys = self.embed(x, timesteps, text, mask, pooled, guidance)
+    return BlockState((text, video), (temb, keys))
+
+  def block_extras(self, frames: int, height: int, width: int):
+    return self.rotary_embedding(frames, height, width)
+
+  def calibration_blocks(self):
+    return ([(f"transformer_blocks.{i}", b) for i, b in enumerate(self.transformer_blocks)]
+            + [(f"single_transformer_blocks.{i}", b)
+               for i, b in enumerate(self.single_transformer_blocks)])
+
+  def stream_layout(self, frames: int, condition_tokens: int) -> tuple[int, int]:
+    # Text first (its packed condition has one extra row), then the video frame by frame.
+    return condition_tokens - 1, frames // self.config.patch_size_t
+
+  def layer_tokens(self, path: str) -> str:
+    if path.startswith("single_transformer_blocks."):
+      return "stream"  # one set of weights on [text; video]
+    # Dual-stream blocks: the text stream has its own norms, projections and MLP.
+    return "context" if re.search(r"\.(norm1_context|ff_context|attn\.add_\w+|attn\.to_add_out)\b",
+                                  path) else "video"
 
   def _check_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                     pooled_projections, guidance):

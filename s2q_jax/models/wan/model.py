@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from s2q_jax.models import embeddings
-from s2q_jax.models.interface import BlockState
+from s2q_jax.models.interface import BlockState, TextEmbeddingConditions
 from s2q_jax.models.layers import LayerNorm, Linear, gelu_tanh
 from s2q_jax.models.wan.attention import Rotary, WanAttention, rotary_table
 from s2q_jax.models.wan.config import WanConfig
@@ -142,10 +142,10 @@ class WanBlock(nnx.Module):
     shift, scale = mod[:, 0:1], mod[:, 1:2]
     h = (self.norm1(x.astype(jnp.float32)) * (1 + scale) + shift).astype(x.dtype)
     q, k, _ = self.attn1.project(h, rotary=extras)
-    return q, k
+    return q, k, None  # every key is visible
 
 
-class WanTransformer3D(nnx.Module):
+class WanTransformer3D(nnx.Module, TextEmbeddingConditions):
   """`model(hidden_states (B,C,F,H,W), timestep (B,), encoder_hidden_states (B,L,text_dim))`.
 
   Returns the sample (B, C_out, F, H, W), as diffusers' forward does. The
