@@ -62,7 +62,7 @@ def random_inputs(cfg: CogVideoXConfig, latent: tuple[int, int, int], samples: i
   timesteps = np.linspace(999, 0, samples).astype(np.int32)
   return Pool(latents=latents, previous=latents, timesteps=timesteps,
               steps=np.arange(samples), x0_change=np.zeros(samples), conditions=text,
-              null_condition=np.zeros_like(text[0]))
+              null_condition=np.zeros_like(text[0]), guidance_scale=1.0)  # no null twins
 
 
 def run(overrides: dict, video: tuple[int, int, int], *, blocks: int, tokens: int | None,

@@ -193,8 +193,7 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
     with stage("calibration", f"calibrating ({cfg.method})"):
       mesh = sharding.make_mesh(cfg.mesh.model)
       try:
-        calibration = calibrator(model, fp_model, pool, _as_sampled(cfg, cfg_scale), workdir,
-                                 mesh)
+        calibration = calibrator(model, fp_model, pool, cfg, workdir, mesh)
       except ValueError as e:
         raise UserError(f"{cfg.method}: {e}") from None
     del fp_model
@@ -323,7 +322,7 @@ def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str, sche
                                  "eval.frames", "eval.height", "eval.width"),
                    **({} if prompts is None else {"prompts": prompts.prompts}))
   cached = multihost.share_arrays(multihost.on_writer(lambda: outputs.load_npz(path, key)))
-  if cached is not None:
+  if cached is not None and "guidance_scale" in cached:  # else written by an older version
     return pool_lib.Pool(**cached)
   calib = cfg.copy_and_resolve_references()
   calib.eval.num_videos = cfg.calib.num_prompts
@@ -337,16 +336,6 @@ def _calibration_pool(cfg: ConfigDict, fp_model, folder: str, workdir: str, sche
                       "the model's activations overflow; try --config.model.dtype=float32")
   multihost.on_writer(lambda: outputs.save_npz(path, dataclasses.asdict(pool), key))
   return pool
-
-
-def _as_sampled(cfg: ConfigDict, cfg_scale: float) -> ConfigDict:
-  """`cfg` with the guidance scale the sampler applies, as the methods see it: without a
-  null-prompt pass (a model that embeds the guidance) they calibrate on no null-prompt twins."""
-  if cfg_scale == cfg.sampler.guidance_scale:
-    return cfg
-  cfg = cfg.copy_and_resolve_references()
-  cfg.sampler.guidance_scale = float(cfg_scale)
-  return cfg
 
 
 def _bf16_file_bytes(model, workdir: str) -> int:

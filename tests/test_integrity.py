@@ -91,7 +91,8 @@ def test_nonfinite_pool_is_refused_and_not_cached(tmp_path, monkeypatch):
   def nan_pool(*args, **kwargs):
     return pool_lib.Pool(latents=np.full((2, 1), np.nan), previous=np.zeros((2, 1)),
                          timesteps=np.zeros(2), steps=np.zeros(2, int), x0_change=np.zeros(2),
-                         conditions=np.zeros((2, 1)), null_condition=np.zeros(1))
+                         conditions=np.zeros((2, 1)), null_condition=np.zeros(1),
+                         guidance_scale=5.0)
   monkeypatch.setattr(pool_lib, "build_pool", nan_pool)
   path = str(tmp_path / "pool.npz")
   cfg = tiny_config(tmp_path, **{"calib.pool_path": path})

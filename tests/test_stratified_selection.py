@@ -1,5 +1,7 @@
 """Selection that covers the trajectory: bands and quotas, the x̂₀ salience, null-prompt twins,
 and the report's histogram, each against a direct computation."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +10,10 @@ from flax import nnx
 
 from s2q_jax.calibration.pool import build_pool
 from s2q_jax.calibration.selection import band_quotas, salient_scores, stratified_indices
+from s2q_jax.errors import UserError
 from s2q_jax.evaluation import report as report_lib
 from s2q_jax.job_config import base_config
-from s2q_jax.methods.calibration_data import calibration_data
+from s2q_jax.methods.calibration_data import calibration_data, num_positions
 from s2q_jax.models import CogVideoXTransformer3D
 from s2q_jax.sampling import ddim_step, make_schedule, predicted_x0
 from tiny import ONE_BLOCK
@@ -156,9 +159,24 @@ def test_calibration_data_twins_and_histogram(pool):
                                                                      (3, 4, 16)))
   np.testing.assert_array_equal(data.conditions[:3], pool.conditions[[0, 3, 5]])
   assert summary["step_histogram"] == [2, 2, 2]  # positions 0, 3, 5 are steps 0, 1, 2
-  cfg.sampler.guidance_scale = 1.0  # no guidance: the null prompt is never run
+  cfg.calib.uncond = False
   data, summary = calibration_data(pool, np.array([0, 3]), cfg)
   assert len(data) == 2 and summary["uncond"] == 0
+
+
+def test_no_null_prompt_twins_where_the_sampler_never_ran_the_null_prompt(pool):
+  # A model that embeds its guidance (HunyuanVideo) samples with no null-prompt pass at any
+  # sampler.guidance_scale: the pool says so, and calibration follows the pool.
+  assert pool.sampled_uncond and float(pool.guidance_scale) == 3.0
+  unguided = dataclasses.replace(pool, guidance_scale=1.0)
+  cfg = base_config(4, 6, "s2q")
+  cfg.sampler.guidance_scale = 6.0
+  cfg.calib.num_samples = 3  # odd is fine: no twins to pair with
+  data, summary = calibration_data(unguided, np.array([0, 3, 5]), cfg)
+  assert len(data) == 3 and summary["uncond"] == 0
+  assert num_positions(cfg, unguided) == 3
+  with pytest.raises(UserError, match="must be even"):
+    num_positions(cfg, pool)
 
 
 def test_report_shows_the_selection_histogram():

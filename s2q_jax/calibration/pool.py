@@ -29,6 +29,9 @@ class Pool:
   x0_change: np.ndarray  # (N,) ‖x̂₀(t) − x̂₀(t−1)‖² / ‖x̂₀(t)‖² (see `build_pool`)
   conditions: np.ndarray  # (N, L, D)
   null_condition: np.ndarray  # (L, D): the classifier-free-guidance null prompt
+  # The classifier-free scale the sampler applied: above 1 it also ran the model on the null
+  # prompt at every step; 1 (a model that embeds its guidance) means it never did.
+  guidance_scale: float
 
   def __len__(self) -> int:
     return len(self.timesteps)
@@ -42,10 +45,14 @@ class Pool:
       raise ValueError("prompt_index needs a whole pool in build_pool's order (step-major)")
     return np.arange(len(steps)) % per_step
 
+  @property
+  def sampled_uncond(self) -> bool:
+    """Whether the sampler's model inputs included each position's null-prompt twin."""
+    return float(self.guidance_scale) > 1
+
   def take(self, idx: np.ndarray) -> "Pool":
-    fields = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
-              if f.name != "null_condition"}
-    return Pool(**fields, null_condition=self.null_condition)
+    return dataclasses.replace(self, **{name: getattr(self, name)[idx]
+                                        for name in _PER_POSITION})
 
   def model_inputs(self, idx: np.ndarray, with_uncond: bool) -> "Pool":
     """Positions `idx` as model inputs; with `with_uncond`, each null-prompt twin after them."""
@@ -54,9 +61,12 @@ class Pool:
       return chosen
     twins = dataclasses.replace(chosen, conditions=np.broadcast_to(
         self.null_condition, chosen.conditions.shape).copy())
-    return Pool(**{f.name: np.concatenate([getattr(chosen, f.name), getattr(twins, f.name)])
-                   for f in dataclasses.fields(self) if f.name != "null_condition"},
-                null_condition=self.null_condition)
+    return dataclasses.replace(chosen, **{
+        name: np.concatenate([getattr(chosen, name), getattr(twins, name)])
+        for name in _PER_POSITION})
+
+
+_PER_POSITION = ("latents", "previous", "timesteps", "steps", "x0_change", "conditions")
 
 
 def build_pool(model: nnx.Module, conditions: np.ndarray, uncond: np.ndarray, noise: np.ndarray,
@@ -86,4 +96,4 @@ def build_pool(model: nnx.Module, conditions: np.ndarray, uncond: np.ndarray, no
               x0_change=np.asarray(diffusion_salience(jnp.asarray(flat(x0)),
                                                       jnp.asarray(flat(x0_next)))),
               conditions=np.tile(np.asarray(conditions), (s, 1, 1)),
-              null_condition=np.asarray(uncond, np.float32))
+              null_condition=np.asarray(uncond, np.float32), guidance_scale=float(guidance_scale))

@@ -16,15 +16,16 @@ from s2q_jax.calibration.pool import Pool
 from s2q_jax.errors import UserError
 
 
-def uses_uncond(cfg) -> bool:
-  """Whether calibration includes the null-prompt inputs (only sampled under guidance > 1)."""
-  return bool(cfg.calib.uncond) and cfg.sampler.guidance_scale > 1
+def uses_uncond(cfg, pool: Pool) -> bool:
+  """Whether calibration includes the null-prompt inputs: only those the sampler ran
+  (`Pool.sampled_uncond`; not for a model that embeds its guidance)."""
+  return bool(cfg.calib.uncond) and pool.sampled_uncond
 
 
-def num_positions(cfg, pool_size: int) -> int:
+def num_positions(cfg, pool: Pool) -> int:
   """How many pool positions give `calib.num_samples` model inputs."""
-  n = cfg.calib.num_samples
-  if uses_uncond(cfg):
+  n, pool_size = cfg.calib.num_samples, len(pool)
+  if uses_uncond(cfg, pool):
     if n % 2:
       raise UserError(f"calib.num_samples={n} must be even with calib.uncond=True: each chosen "
                       "step gives its conditional and its null-prompt input")
@@ -37,12 +38,12 @@ def num_positions(cfg, pool_size: int) -> int:
 
 def uniform_positions(pool: Pool, cfg) -> np.ndarray:
   """Positions evenly spaced over the pool (every step, prompts in turn)."""
-  return select_indices(None, num_positions(cfg, len(pool)), "uniform", pool_size=len(pool))
+  return select_indices(None, num_positions(cfg, pool), "uniform", pool_size=len(pool))
 
 
 def calibration_data(pool: Pool, positions: np.ndarray, cfg) -> tuple[Pool, dict]:
   """(model inputs, the report's `selection` entry) for the chosen pool positions."""
-  data = pool.model_inputs(positions, uses_uncond(cfg))
+  data = pool.model_inputs(positions, uses_uncond(cfg, pool))
   num_steps = int(pool.steps.max()) + 1
   summary = {"positions": np.asarray(positions).tolist(),
              "step_histogram": np.bincount(data.steps, minlength=num_steps).tolist(),

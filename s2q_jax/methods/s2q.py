@@ -75,7 +75,7 @@ def select_positions(model: nnx.Module, pool: Pool, cfg, log=print) -> np.ndarra
   salient: the paper's literal global top-N of C (on zero-terminal-SNR
   schedules it takes only the last steps). uniform | random: ablations.
   """
-  n = num_positions(cfg, len(pool))
+  n = num_positions(cfg, pool)
   method = cfg.calib.selection
   try:
     if method in ("salient", "salient_stratified"):
