@@ -151,6 +151,52 @@ def markdown_table(summary: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def paired_table(runs: Sequence[dict], baseline: str) -> str:
+  """Markdown: per (bits, method) the means over seeds, and the paired per-video
+  differences to `baseline`'s run at the same bits and seed.
+
+  `runs`: dicts with "method", "bits", "seed" and per-video "psnr" and "ssim"
+  lists. Runs of one seed score the same videos, so differences video by video
+  cancel most of the video-to-video spread that dominates a single mean. Per
+  seed: mean ± standard error; pooled: over every (seed, video) pair.
+  """
+  groups: dict[tuple[str, str], dict[int, dict]] = {}
+  for r in runs:
+    groups.setdefault((r["bits"].upper(), r["method"]), {})[r["seed"]] = r
+  lines = [f"| bits | method | seeds | PSNR (dB) | SSIM | PSNR − {baseline} per seed (± s.e.) | "
+           f"PSNR − {baseline} pooled | SSIM − {baseline} pooled |", "|---|---|---|---|---|---|---|---|"]
+  for (bits, method), by_seed in groups.items():
+    psnr = np.mean([np.mean(r["psnr"]) for r in by_seed.values()])
+    ssim = np.mean([np.mean(r["ssim"]) for r in by_seed.values()])
+    per_seed, pooled = [], {"psnr": [], "ssim": []}
+    for seed, r in sorted(by_seed.items()):
+      base = groups.get((bits, baseline), {}).get(seed)
+      if base is None or method == baseline:
+        continue
+      for m in pooled:
+        pooled[m].append(np.subtract(r[m], base[m]))
+      per_seed.append("{:+.2f} ± {:.2f}".format(*_mean_se(pooled["psnr"][-1])))
+    cells = ["—", "—", "—"]
+    if per_seed:
+      (dp, dp_se), (ds, ds_se) = (_mean_se(np.concatenate(pooled[m])) for m in ("psnr", "ssim"))
+      cells = [", ".join(per_seed), f"{dp:+.2f} ± {dp_se:.2f}", f"{ds:+.4f} ± {ds_se:.4f}"]
+    lines.append(f"| {bits} | {method} | {len(by_seed)} | {psnr:.2f} | {ssim:.4f} | "
+                 + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+  x = np.asarray(x, np.float64)
+  return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def _paired_runs(reports: list[dict]) -> list[dict]:
+  """The reports that kept per-video scores (an older s2q-jax did not), as `paired_table` takes."""
+  return [{"method": r["name"], "bits": r["bits"], "seed": r["seed"],
+           "psnr": r["metrics_per_video"]["psnr"], "ssim": r["metrics_per_video"]["ssim"]}
+          for r in reports if "metrics_per_video" in r]
+
+
 def plot(summary: list[dict], path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -174,15 +220,24 @@ def plot(summary: list[dict], path: str) -> None:
   plt.close(fig)
 
 
-def write_outputs(workdir: str, reports: list[dict], stem: str = "comparison"
-                  ) -> tuple[str, list[str]]:
-  """<stem>.json / .md / .png in `workdir`; returns (the markdown table, the paths)."""
+def write_outputs(workdir: str, reports: list[dict], stem: str = "comparison",
+                  baseline: str = "") -> tuple[str, list[str]]:
+  """<stem>.json / .md / .png in `workdir`; returns (the markdown tables, the paths).
+
+  With a `baseline` row name among the reports, the tables include the paired
+  per-video differences to it (`paired_table`).
+  """
   results = [{"method": r["name"], "bits": r["bits"], "seed": r["seed"], "metrics": r["metrics"],
+              **{k: r[k] for k in ("metrics_standard_error", "metrics_per_video") if k in r},
               "size": r["size"], "timing": r["timing"]} for r in reports]
   summary = summarize(reports)
   paths = {ext: os.path.join(workdir, f"{stem}.{ext}") for ext in ("json", "md", "png")}
   outputs.write_json(paths["json"], {"results": results, "summary": summary})
   table = markdown_table(summary)
+  paired = _paired_runs(reports)
+  if any(r["method"] == baseline for r in paired):
+    table += ("\n\nPaired with " + baseline + " (same seed, same videos; ± standard error):\n\n"
+              + paired_table(paired, baseline))
   outputs.write_text(paths["md"], table + "\n")
   outputs.write_with(paths["png"], lambda tmp: plot(summary, tmp))
   return table, list(paths.values())
@@ -226,6 +281,9 @@ def main(argv=None) -> int:
   parser.add_argument("--bits", default="w4a6,w3a6")
   parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
   parser.add_argument("--workdir", default="workdir/compare")
+  parser.add_argument("--baseline", default="q_vdit",
+                      help="method the paired per-video differences are taken against "
+                           "(no paired table if it is not among --methods)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a main-job config setting for every run, e.g. model.path=DIR or "
                            "sampler.num_steps=10 (values as Python literals); repeatable")
@@ -253,7 +311,7 @@ def main(argv=None) -> int:
       raise outputs.io_error(args.workdir, e) from None
     reports = run_grid(args.workdir, bits_list, {m: (m, dict(settings)) for m in methods},
                        seeds=seeds)
-    table, paths = write_outputs(args.workdir, reports)
+    table, paths = write_outputs(args.workdir, reports, baseline=args.baseline)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

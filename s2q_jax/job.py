@@ -214,7 +214,8 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
       fp, q = fp_videos, q_videos
       if pipe is not None:  # metrics and files on pixels
         fp, q = pipeline_lib.decode(pipe, [fp_videos, q_videos], cfg.model.dtype)
-      scores = metrics.summarize(fp, q)
+      per_video = metrics.per_video(fp, q)
+      scores = {k: float(np.mean(v)) for k, v in per_video.items()}
       finite.check_metrics(scores)
       videos, mp4s = [], []
       for i, name in enumerate(names):
@@ -226,6 +227,8 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
     report = {
         "method": cfg.method, "w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits,
         "model": model_name, "metrics": scores,
+        "metrics_standard_error": metrics.standard_errors(per_video),
+        "metrics_per_video": {k: v.tolist() for k, v in per_video.items()},
         "size": {"fp_bytes": fp_bytes, "quant_bytes": quant_bytes,
                  "compression": fp_bytes / quant_bytes},
         "checkpoint": export_dir,

@@ -54,14 +54,22 @@ def test_summary_is_mean_and_sample_std_over_seeds(grid):
 
 def test_outputs_and_resume(grid, monkeypatch):
   workdir, variants, reports = grid
-  table, paths = compare.write_outputs(workdir, reports)
+  table, paths = compare.write_outputs(workdir, reports, baseline="rtn")
   with open(f"{workdir}/comparison.json") as f:
     out = json.load(f)
   assert [r["method"] for r in out["results"]] == ["rtn", "qvd"] * 4
-  assert set(out["results"][0]) == {"method", "bits", "seed", "metrics", "size", "timing"}
+  assert set(out["results"][0]) == {"method", "bits", "seed", "metrics", "size", "timing",
+                                    "metrics_standard_error", "metrics_per_video"}
   assert out["results"][0]["size"]["compression"] > 3
   assert set(out["summary"][0]["metrics"]["psnr"]) == {"mean", "std"}
-  assert table.count("\n") == 5 and "| W3A6 | qvd | 2 |" in table and " ± " in table
+  summary, paired = table.split("\n\nPaired with rtn")
+  assert summary.count("\n") == 5 and "| W3A6 | qvd | 2 |" in summary and " ± " in summary
+  # qvd − rtn from the reports' own per-video scores, pooled over both seeds
+  runs = {(r["seed"], r["bits"], r["name"]): r["metrics_per_video"]["psnr"] for r in reports}
+  d = np.concatenate([np.subtract(runs[(s, "w3a6", "qvd")], runs[(s, "w3a6", "rtn")])
+                      for s in (0, 1)])
+  row = next(l for l in paired.splitlines() if l.startswith("| W3A6 | qvd |"))
+  assert f"| {d.mean():+.2f} ± {d.std(ddof=1) / 2:.2f} |" in row
   with open(paths[-1], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -56,3 +56,16 @@ def test_summarize_averages_over_videos():
   out = metrics.summarize(ref, test)
   assert out["psnr"] == pytest.approx(float(np.mean(metrics.psnr(ref, test))))
   assert set(out) == {"psnr", "ssim", "temporal_consistency"}
+
+
+def test_standard_errors_of_the_means_over_videos():
+  ref = _videos()
+  test = np.clip(ref + np.random.default_rng(1).normal(0, 0.05, ref.shape), -1, 1)
+  scores = metrics.per_video(ref, test)
+  se = metrics.standard_errors(scores)
+  n = len(ref)
+  assert se["psnr"] == pytest.approx(np.std(metrics.psnr(ref, test), ddof=1) / np.sqrt(n))
+  assert se["ssim"] == pytest.approx(np.std(metrics.ssim(ref, test), ddof=1) / np.sqrt(n))
+  # an identical video (inf PSNR) or a single video: no finite spread
+  assert metrics.standard_errors({"psnr": np.array([30.0, np.inf])})["psnr"] is None
+  assert metrics.standard_errors({"psnr": np.array([30.0])})["psnr"] is None

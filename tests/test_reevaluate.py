@@ -1,7 +1,8 @@
-"""The re-evaluation table: means over seeds and paired differences, against numpy."""
+"""The paired table of `compare` and `tools.reevaluate`: means over seeds and paired
+per-video differences, against numpy."""
 import numpy as np
 
-from s2q_jax.tools.reevaluate import summarize
+from s2q_jax.compare import paired_table
 
 
 def test_paired_differences_and_means_over_seeds():
@@ -12,11 +13,14 @@ def test_paired_differences_and_means_over_seeds():
       runs[f"seed{seed}/{method}"] = {"method": method, "bits": "W4A6", "seed": seed,
                                       "psnr": rng.normal(27, 2, 5).tolist(),
                                       "ssim": rng.uniform(0.7, 0.9, 5).tolist()}
-  lines = summarize(runs, "q_vdit")
+  lines = paired_table(list(runs.values()), "q_vdit").splitlines()
   row = next(l for l in lines if "| s2q |" in l)
   psnr = np.mean([np.mean(runs[f"seed{s}/s2q"]["psnr"]) for s in (0, 1)])
   assert f"| W4A6 | s2q | 2 | {psnr:.2f} |" in row
   for s in (0, 1):
     d = np.subtract(runs[f"seed{s}/s2q"]["psnr"], runs[f"seed{s}/q_vdit"]["psnr"])
     assert f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(5):.2f}" in row
-  assert next(l for l in lines if "| q_vdit |" in l).endswith("| — |")
+  pooled = np.concatenate([np.subtract(runs[f"seed{s}/s2q"]["ssim"],
+                                       runs[f"seed{s}/q_vdit"]["ssim"]) for s in (0, 1)])
+  assert row.endswith(f"| {pooled.mean():+.4f} ± {pooled.std(ddof=1) / np.sqrt(10):.4f} |")
+  assert next(l for l in lines if "| q_vdit |" in l).endswith("| — | — | — |")

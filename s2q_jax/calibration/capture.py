@@ -17,12 +17,21 @@ class LayerInput(nnx.Variable):
 class _Recorder(nnx.Module):
   def __init__(self, layer: nnx.Module, transform: bool):
     self.layer, self.transform = layer, transform
+    # A Variable, not a Python list: under nnx.jit its new value leaves the trace
+    # as a state update, where a list would keep tracers.
+    self.inputs = LayerInput(())
 
   def __call__(self, x: jax.Array) -> jax.Array:
     # For quantized layers record what is quantized: the smoothed / rotated input.
     seen = self.layer.transform_input(x) if self.transform else x
-    self.sow(LayerInput, "inputs", seen)
+    self.inputs.set_value(self.inputs.get_value() + (seen,))
     return self.layer(x)
+
+  def take(self) -> list[jax.Array]:
+    """The inputs recorded since the last take; empties the record."""
+    seen = list(self.inputs.get_value())
+    self.inputs.set_value(())
+    return seen
 
 
 @contextlib.contextmanager
@@ -43,11 +52,7 @@ def recording(model: nnx.Module, paths: set[str] | None = None, *, transformed: 
     replace_module(model, p, r)
 
   def collect() -> dict[str, list[jax.Array]]:
-    out = {}
-    for p, r in recorders.items():
-      state = nnx.pop(r, LayerInput)
-      out[p] = [x for _, var in nnx.to_flat_state(state) for x in var.get_value()]
-    return out
+    return {p: r.take() for p, r in recorders.items()}
 
   try:
     yield collect

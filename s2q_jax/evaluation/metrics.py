@@ -69,8 +69,28 @@ def _clip(v: np.ndarray) -> np.ndarray:
   return np.clip(np.asarray(v, np.float64), -1.0, 1.0)
 
 
+def per_video(reference: np.ndarray, test: np.ndarray) -> dict[str, np.ndarray]:
+  """{metric: (B,) scores}: PSNR, SSIM and temporal consistency of each video."""
+  return {"psnr": psnr(reference, test), "ssim": ssim(reference, test),
+          "temporal_consistency": temporal_consistency(reference, test)}
+
+
 def summarize(reference: np.ndarray, test: np.ndarray) -> dict[str, float]:
   """Metrics averaged over videos (PSNR of identical videos is reported as inf)."""
-  return {"psnr": float(np.mean(psnr(reference, test))),
-          "ssim": float(np.mean(ssim(reference, test))),
-          "temporal_consistency": float(np.mean(temporal_consistency(reference, test)))}
+  return {k: float(np.mean(v)) for k, v in per_video(reference, test).items()}
+
+
+def standard_errors(scores: dict[str, np.ndarray]) -> dict[str, float | None]:
+  """{metric: standard error of its mean over videos}; None below two videos or with an
+  infinite score (an identical video), where the spread has no finite value.
+
+  One video's PSNR moves by several dB with its noise, so a mean over a few
+  videos is uncertain by more than the gaps between good methods: reported
+  beside every mean so nobody ranks runs inside it.
+  """
+  out = {}
+  for k, v in scores.items():
+    v = np.asarray(v, np.float64)
+    out[k] = (float(np.std(v, ddof=1) / np.sqrt(len(v)))
+              if len(v) > 1 and np.all(np.isfinite(v)) else None)
+  return out

@@ -25,15 +25,27 @@ def _fmt_bytes(n: float) -> str:
   return str(n)
 
 
+_DIGITS = {"psnr": 2, "ssim": 4, "temporal_consistency": 4}
+
+
+def _with_se(r: dict[str, Any], metric: str, digits: int) -> str:
+  """"mean ± standard error" (reports written before the standard error: the mean alone)."""
+  text = f"{r['metrics'][metric]:.{digits}f}"
+  se = r.get("metrics_standard_error", {}).get(metric)
+  return text if se is None else f"{text} ± {se:.{digits}f}"
+
+
 def to_markdown(r: dict[str, Any]) -> str:
-  m, s, t = r["metrics"], r["size"], r["timing"]
+  s, t = r["size"], r["timing"]
   lines = [
       f"# {r['method']} W{r['w_bits']}A{r['a_bits']} on {r['model']}", "",
       "Quantized vs full-precision videos generated from the same noise and conditions "
       f"({r['eval']['num_videos']} videos, {r['eval']['num_steps']} sampler steps, "
       f"guidance {r['eval']['guidance_scale']}).", "",
       "| PSNR (dB) | SSIM | temporal consistency |", "|---|---|---|",
-      f"| {m['psnr']:.2f} | {m['ssim']:.4f} | {m['temporal_consistency']:.4f} |", "",
+      "| " + " | ".join(_with_se(r, k, d) for k, d in _DIGITS.items()) + " |", "",
+      "Means over the videos ± their standard error: one video's score moves with its "
+      "noise, so runs closer than about twice that are not told apart by these videos.", "",
       "## Size", "",
       "| weights in bf16 | quantized model | compression |", "|---|---|---|",
       f"| {_fmt_bytes(s['fp_bytes'])} | {_fmt_bytes(s['quant_bytes'])} | {s['compression']:.2f}× |",
@@ -90,10 +102,10 @@ def _calibration_markdown(c: dict[str, Any]) -> list[str]:
 
 
 def summary_table(r: dict[str, Any]) -> str:
-  m, s = r["metrics"], r["size"]
+  s = r["size"]
   rows = [("method", r["method"]), ("bits", f"W{r['w_bits']}A{r['a_bits']}"),
-          ("PSNR (dB)", f"{m['psnr']:.2f}"), ("SSIM", f"{m['ssim']:.4f}"),
-          ("temporal consistency", f"{m['temporal_consistency']:.4f}"),
+          ("PSNR (dB)", _with_se(r, "psnr", 2)), ("SSIM", _with_se(r, "ssim", 4)),
+          ("temporal consistency", _with_se(r, "temporal_consistency", 4)),
           ("weights bf16 → quantized", f"{_fmt_bytes(s['fp_bytes'])} → "
            f"{_fmt_bytes(s['quant_bytes'])} ({s['compression']:.2f}×)"),
           ("total time", f"{sum(r['timing'].values()):.1f} s")]

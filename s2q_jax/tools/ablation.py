@@ -56,7 +56,7 @@ def main(argv=None) -> int:
   reports = run_grid(args.workdir, args.bits.split(","), variants, seeds=seeds)
   for r in reports:
     r["name"] = by_folder[r["name"]]
-  table, paths = write_outputs(args.workdir, reports, stem="ablation")
+  table, paths = write_outputs(args.workdir, reports, stem="ablation", baseline="s2q")
   print("\n" + table + "\n\n" + "\n".join(f"wrote {p}" for p in paths))
   return 0
 

@@ -19,7 +19,6 @@ conditions, or random stand-in prompts as the job uses).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ import sys
 import numpy as np
 
 from s2q_jax import embedded, job
+from s2q_jax.compare import paired_table
 from s2q_jax.evaluation import metrics
 from s2q_jax.generation import generate
 from s2q_jax.job_config import base_config
@@ -82,27 +82,6 @@ def evaluate(runs: list[str], videos: int, noise_seed: int, model_path: str = ""
   return out
 
 
-def summarize(results: dict, baseline: str) -> list[str]:
-  """Markdown lines: per (bits, method) the mean over seeds; paired differences to `baseline`."""
-  groups = collections.defaultdict(dict)
-  for r in results.values():
-    groups[(r["bits"], r["method"])][r["seed"]] = r
-  lines = ["| bits | method | seeds | PSNR (dB) | SSIM | PSNR − " + baseline + " per seed (± s.e.) |",
-           "|---|---|---|---|---|---|"]
-  for (bits, method), by_seed in sorted(groups.items()):
-    psnr = np.mean([np.mean(r["psnr"]) for r in by_seed.values()])
-    ssim = np.mean([np.mean(r["ssim"]) for r in by_seed.values()])
-    paired = []
-    for seed, r in sorted(by_seed.items()):
-      base = groups.get((bits, baseline), {}).get(seed)
-      if base is not None and method != baseline:
-        d, se = _mean_se(np.asarray(r["psnr"]) - np.asarray(base["psnr"]))
-        paired.append(f"{d:+.2f} ± {se:.2f}")
-    lines.append(f"| {bits} | {method} | {len(by_seed)} | {psnr:.2f} | {ssim:.4f} | "
-                 f"{', '.join(paired) or '—'} |")
-  return lines
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("runs", nargs="+", help="finished run folders (report.json, quantized_model/)")
@@ -116,7 +95,7 @@ def main(argv=None) -> int:
   if args.videos < 2:
     parser.error("--videos must be at least 2 (a standard error needs two)")
   results = evaluate(args.runs, args.videos, args.noise_seed, args.model_path)
-  print("\n" + "\n".join(summarize(results, args.baseline)))
+  print("\n" + paired_table(list(results.values()), args.baseline))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"videos": args.videos, "noise_seed": args.noise_seed, "runs": results}, f,
