@@ -87,6 +87,25 @@ def test_pool_cache_is_rebuilt_when_model_or_sampler_differ(tmp_path, capsys):
   assert "other model files" in capsys.readouterr().out
 
 
+def test_pool_cache_without_its_guidance_scale_is_recomputed(tmp_path, capsys):
+  """A pool written before it recorded its sampler's guidance scale (same key otherwise)
+  is rebuilt, not read with a guessed scale: the scale decides the null-prompt twins."""
+  path = str(tmp_path / "pool.npz")
+  model = load_pretrained(embedded.path())
+  cfg = tiny_config(tmp_path, **{"calib.pool_path": path})
+  first = job._calibration_pool(cfg, model, embedded.path(), str(tmp_path))
+  with np.load(path) as f:
+    key = json.loads(str(f["key"]))
+    arrays = {k: f[k] for k in f.files if k not in ("key", "guidance_scale")}
+  outputs.save_npz(path, arrays, key)
+  capsys.readouterr()
+  again = job._calibration_pool(cfg, model, embedded.path(), str(tmp_path))
+  assert "reusing" in capsys.readouterr().out  # the key matched; the missing field did not
+  assert again.guidance_scale == first.guidance_scale
+  with np.load(path) as f:
+    assert "guidance_scale" in f.files  # and the cache was written again, complete
+
+
 def test_nonfinite_pool_is_refused_and_not_cached(tmp_path, monkeypatch):
   def nan_pool(*args, **kwargs):
     return pool_lib.Pool(latents=np.full((2, 1), np.nan), previous=np.zeros((2, 1)),
