@@ -140,6 +140,26 @@ def test_fp_video_equals_the_diffusers_pipeline(pipeline_dir, tmp_path, monkeypa
   assert os.path.isfile(tmp_path / "w" / pipeline.CACHE_NAME)
 
 
+def test_the_bfloat16_pipeline_job_stays_near_diffusers_float32(pipeline_dir, tmp_path,
+                                                                monkeypatch):
+  """The README's real-model command runs in bfloat16: T5, transformer and VAE all in it."""
+  folder, pipe = pipeline_dir
+  generate = _Spy(monkeypatch, job, "generate")
+  decode = _Spy(monkeypatch, pipeline, "decode")
+  report = job.run(_config(folder, tmp_path / "w", **{
+      "eval.prompts": _prompt_file(tmp_path, PROMPTS), "model.dtype": "bfloat16"}))
+  noise = np.array(generate.calls[0][0][1], np.float32)  # a writable copy for torch
+  with torch.no_grad():
+    expected = pipe(prompt=PROMPTS, num_frames=9, height=16, width=16, num_inference_steps=2,
+                    guidance_scale=6.0, latents=torch.from_numpy(noise),
+                    output_type="np", max_sequence_length=TEXT_LENGTH).frames
+  ours = np.clip((decode.results[0][0].transpose(0, 1, 3, 4, 2) + 1) / 2, 0, 1)
+  err = float(np.abs(ours - expected).mean())
+  print(f"bfloat16 FP video vs diffusers float32: mean abs error {err:.2e}")
+  assert err <= 2e-2, err  # bf16 rounding through T5, 2 steps and the VAE; not a wrong layer
+  assert all(np.isfinite(v) for v in report["metrics"].values())
+
+
 def test_prompt_embeddings_are_the_pipelines_and_cached(pipeline_dir, tmp_path, capsys):
   folder, pipe = pipeline_dir
   opened, cache = pipeline.open_pipeline(folder), str(tmp_path / "embeddings.npz")
