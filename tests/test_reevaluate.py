@@ -24,3 +24,12 @@ def test_paired_differences_and_means_over_seeds():
                                        runs[f"seed{s}/q_vdit"]["ssim"]) for s in (0, 1)])
   assert row.endswith(f"| {pooled.mean():+.4f} ± {pooled.std(ddof=1) / np.sqrt(10):.4f} |")
   assert next(l for l in lines if "| q_vdit |" in l).endswith("| — | — | — |")
+
+
+def test_rows_are_named_by_run_folder_so_ablation_variants_stay_apart():
+  from s2q_jax.tools.reevaluate import _row_name
+  report = {"method": "s2q", "w_bits": 4, "a_bits": 6}
+  assert _row_name("workdir/ablation/seed0/w4a6_uniform_selection/", report) == (
+      "uniform_selection")
+  assert _row_name("workdir/compare/seed1/w4a6_s2q", report) == "s2q"
+  assert _row_name("/tmp/my_run", report) == "s2q"  # not a compare folder: the method

@@ -46,6 +46,14 @@ def _read_report(run: str) -> dict:
   return report
 
 
+def _row_name(run: str, report: dict) -> str:
+  """The run's row: its folder's name after `compare`'s "<bits>_" prefix (so the ablation's
+  variants of one method stay apart), else the report's method."""
+  prefix = f"w{report['w_bits']}a{report['a_bits']}_"
+  name = os.path.basename(os.path.normpath(run))
+  return name[len(prefix):] if name.startswith(prefix) else report["method"]
+
+
 def _mean_se(x: np.ndarray) -> tuple[float, float]:
   return float(np.mean(x)), float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
@@ -74,7 +82,7 @@ def evaluate(runs: list[str], videos: int, noise_seed: int, model_path: str = ""
     q = load_pretrained(os.path.join(run, "quantized_model"), backend="reference")
     test = generate(q, noise, cond, uncond, **gen)
     psnr, ssim = metrics.psnr(reference, test), metrics.ssim(reference, test)
-    out[run] = {"method": report["method"], "bits": f"W{report['w_bits']}A{report['a_bits']}",
+    out[run] = {"method": _row_name(run, report), "bits": f"W{report['w_bits']}A{report['a_bits']}",
                 "seed": report["eval"]["seed"], "psnr": psnr.tolist(), "ssim": ssim.tolist()}
     (p, p_se), (s, s_se) = _mean_se(psnr), _mean_se(ssim)
     print(f"  {run}: PSNR {p:.2f} ± {p_se:.2f} dB (min {psnr.min():.1f}), SSIM {s:.4f} ± "
