@@ -3,9 +3,10 @@
   python -m s2q_jax.tools.reevaluate --videos 32 --noise_seed 100 --baseline q_vdit \\
       --json workdir/reeval.json workdir/compare/seed*/w4a6_{s2q,q_vdit}
 
-The job scores a run on `eval.num_videos` (8) videos, and one video's PSNR
+The job scores a run on `eval.num_videos` (16) videos, and one video's PSNR
 varies by several dB with its noise: a run's 8-video mean has a standard
-error near 1 dB, larger than the differences between the best methods.
+error near 1 dB, larger than the differences between the best methods, and
+16 videos still about 0.5 dB.
 This tool reloads each run's exported checkpoint (reference kernels) and
 scores it against the full-precision model on `--videos` new videos drawn
 from `--noise_seed` (the same videos for every run, none of them seen in
