@@ -1,11 +1,15 @@
 """Video generation with a (possibly quantized) model: jitted sampling in batches.
 
 On a ("data", "model") mesh the model is stored sharded over "model" (see
-`s2q_jax.sharding`) and each batch of videos split over "data". Each
-denoising step gathers the parameters whole before it runs the model: left
-to partition the computation on sharded parameters itself, XLA (jax 0.10,
-CPU) returned wrong outputs for the attention projections (errors of 0.09 on
-outputs of order 1), while gathered parameters give the one-device result.
+`s2q_jax.sharding`) and each batch of videos split over "data". A denoising
+step gathers each transformer block's parameters when that block runs, tied
+to the block's input so that XLA cannot hoist the gather earlier; the rest
+(embeddings, output head: small) is gathered at the start of the step. A
+device thus holds its shards plus about one block whole, and a model larger
+than one device can generate. Computing on gathered parameters, not on the
+shards, is deliberate: left to partition the computation on sharded
+parameters itself, XLA (jax 0.10, CPU) returned wrong outputs for the
+attention projections (errors of 0.09 on outputs of order 1).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from s2q_jax import sharding
+from s2q_jax.quant.apply import replace_module
 from s2q_jax.sampling import Scheduler, make_schedule, sample, sample_keys, sample_trajectory
 
 
@@ -55,8 +60,7 @@ def sampler(model: nnx.Module, uncond: np.ndarray, *, num_steps: int, guidance_s
   def run(state, noise, cond, key):
     # Merged at every step, inside the sampler's scan: a model that writes into its own
     # state while running (its `step_context`) may only do so in the trace it was made in.
-    gather = (lambda s: s) if mesh is None else (lambda s: sharding.gather(s, mesh))
-    denoiser = lambda *args: nnx.merge(graphdef, gather(state), copy=True).denoise(*args)  # noqa: E731
+    denoiser = lambda *args: step_model(graphdef, state, mesh).denoise(*args)  # noqa: E731
     null = jnp.broadcast_to(uncond, cond.shape)
     if return_trajectory:
       return sample_trajectory(denoiser, noise, cond, null, schedule,
@@ -64,6 +68,43 @@ def sampler(model: nnx.Module, uncond: np.ndarray, *, num_steps: int, guidance_s
     return sample(denoiser, noise, cond, null, schedule, guidance_scale=guidance_scale, key=key)
 
   return lambda noise, cond, key=None: run(state, place(noise), place(cond), key)
+
+
+def step_model(graphdef: nnx.GraphDef, state: nnx.State, mesh: jax.sharding.Mesh | None
+               ) -> nnx.Module:
+  """Inside a jitted step: the model of (`graphdef`, `state`), its blocks gathering their
+  parameters per call on `mesh` (module doc); without a mesh, merged as it is."""
+  if mesh is None or sharding.model_size(mesh) == 1:
+    return nnx.merge(graphdef, state if mesh is None else sharding.gather(state, mesh),
+                     copy=True)
+  model = nnx.merge(graphdef, state, copy=True)
+  blocks = model.calibration_blocks()
+  inside = [tuple(int(k) if k.isdigit() else k for k in path.split(".")) for path, _ in blocks]
+  rest = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model))
+          if not any(p[:len(q)] == q for q in inside)]
+  nnx.update(model, sharding.gather(nnx.from_flat_state(rest), mesh))
+  for path, block in blocks:
+    replace_module(model, path, _GatheredWhenCalled(block, mesh))
+  return model
+
+
+class _GatheredWhenCalled(nnx.Module):
+  """A block whose sharded parameters are gathered whole when it is called."""
+
+  def __init__(self, block: nnx.Module, mesh: jax.sharding.Mesh):
+    self.block, self.mesh = block, mesh
+
+  def __call__(self, *args, **kwargs):
+    graphdef, state = nnx.split(self.block)
+    x = next(a for a in jax.tree.leaves((args, kwargs)) if isinstance(a, jax.Array))
+    # A flag that is always false but that XLA cannot know before this block's input
+    # exists: selecting the shards through it orders the gather after the previous block,
+    # so only this block is ever whole. (An optimization_barrier does not: XLA on CPU
+    # drops it and hoists every gather to the start of the step.)
+    never = x.reshape(-1)[0] * 0 > 1
+    state = sharding.constrain(
+        jax.tree.map(lambda p: jnp.where(never, jnp.zeros_like(p), p), state), self.mesh)
+    return nnx.merge(graphdef, sharding.gather(state, self.mesh))(*args, **kwargs)
 
 
 def generate(model: nnx.Module, noise: np.ndarray, cond: np.ndarray, uncond: np.ndarray, *,

@@ -4,8 +4,8 @@ The job's devices form a 2-D mesh ("data", "model"). Each large parameter is
 stored split along one of its dimensions over "model" and replicated over
 "data"; a device thus holds about 1/model of the model. The computation
 gathers what it needs where it needs it: a calibration step gathers its one
-block's parameters (`gather`), generation leaves it to XLA's partitioner,
-which all-gathers (or partially contracts) each parameter at its use.
+block's parameters (`gather`), and so does generation, block by block as the
+step reaches it (`generation.step_model`).
 
 The rule (`spec`): an array of at least `MIN_SHARDED_SIZE` elements is split
 along its largest dimension that the model-axis size divides (on a tie, the

@@ -7,9 +7,10 @@ For the embedded model (full precision, and W4A6 with frozen int8 codes), and
 for one CogVideoX-2B-width block's calibration state (frozen weights, learned
 state, Adam moments), the bytes the most loaded device holds under
 `s2q_jax.sharding`'s rule. For the full-precision model it also compiles one
-forward pass as a generation step runs it (parameters gathered, batch split
-over "data") and reports XLA's own per-device figures: the arguments (the
-parameter shards) and the temporaries, which include the gathered parameters.
+forward pass as a generation step runs it (each block's parameters gathered
+when it runs, batch split over "data") and reports XLA's own per-device
+figures: the arguments (the parameter shards) and the temporaries, which
+include the one block gathered at a time.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from s2q_jax import embedded, quant, sharding
+from s2q_jax import embedded, generation, quant, sharding
 from s2q_jax.benchmark import PRESETS
 from s2q_jax.distillation.block_reconstruction import _optimizer
 from s2q_jax.job_config import base_config
@@ -40,7 +41,7 @@ def _step_memory(model, mesh) -> tuple[int, int]:
   latents = jnp.zeros((sharding.data_size(mesh), 2, cfg.in_channels, 32, 32))
   text = jnp.zeros((sharding.data_size(mesh), cfg.max_text_seq_length, cfg.text_embed_dim))
   batch = NamedSharding(mesh, P(sharding.DATA))
-  forward = jax.jit(lambda s, x, c: nnx.merge(graphdef, sharding.gather(s, mesh))(
+  forward = jax.jit(lambda s, x, c: generation.step_model(graphdef, s, mesh)(
       x, c, jnp.zeros(x.shape[:1])))  # as a generation step runs it
   compiled = forward.lower(sharding.place(state, mesh), jax.device_put(latents, batch),
                            jax.device_put(text, batch)).compile()
