@@ -154,7 +154,7 @@ def test_nonfinite_weights_are_named_at_load(tmp_path, key, edit, named):
 def test_nonfinite_weights_in_converted_checkpoint(tmp_path):
   from s2q_jax.models.loading import save_model  # pylint: disable=import-outside-toplevel
   model = load_pretrained(embedded.path())
-  model.proj_out.bias.value = model.proj_out.bias.value.at[0].set(np.inf)
+  model.proj_out.bias[...] = model.proj_out.bias[...].at[0].set(np.inf)
   save_model(model, str(tmp_path / "conv"))
   with pytest.raises(ValueError, match=r"NaN or Inf weights in 1 tensor: proj_out\.bias"):
     load_pretrained(str(tmp_path / "conv"))

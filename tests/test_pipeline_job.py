@@ -118,7 +118,7 @@ def test_fp_video_equals_the_diffusers_pipeline(pipeline_dir, tmp_path, monkeypa
   fp_pixels = decode.results[0][0]  # (videos, frames, channels, height, width) in [-1, 1]
   with torch.no_grad():
     expected = pipe(prompt=PROMPTS, num_frames=9, height=16, width=16, num_inference_steps=2,
-                    guidance_scale=6.0, latents=torch.from_numpy(np.asarray(noise)),
+                    guidance_scale=6.0, latents=torch.from_numpy(np.array(noise)),
                     output_type="np", max_sequence_length=TEXT_LENGTH).frames
   # The pipeline's "np" output: (videos, frames, height, width, channels) in [0, 1].
   ours = np.clip((fp_pixels.transpose(0, 1, 3, 4, 2) + 1) / 2, 0, 1)
