@@ -33,6 +33,7 @@ import numpy as np
 from s2q_jax import fingerprint, job, outputs
 from s2q_jax import workdir as workdir_lib
 from s2q_jax.errors import UserError, show_warning
+from s2q_jax.evaluation.metrics import mean_and_standard_error
 from s2q_jax.job_config import base_config
 from s2q_jax.methods import METHODS
 from s2q_jax.quant import parse_bits
@@ -175,19 +176,16 @@ def paired_table(runs: Sequence[dict], baseline: str) -> str:
         continue
       for m in pooled:
         pooled[m].append(np.subtract(r[m], base[m]))
-      per_seed.append("{:+.2f} ± {:.2f}".format(*_mean_se(pooled["psnr"][-1])))
+      d, se = mean_and_standard_error(pooled["psnr"][-1])
+      per_seed.append(f"{d:+.2f} ± {se:.2f}")
     cells = ["—", "—", "—"]
     if per_seed:
-      (dp, dp_se), (ds, ds_se) = (_mean_se(np.concatenate(pooled[m])) for m in ("psnr", "ssim"))
+      (dp, dp_se), (ds, ds_se) = (mean_and_standard_error(np.concatenate(pooled[m]))
+                                  for m in ("psnr", "ssim"))
       cells = [", ".join(per_seed), f"{dp:+.2f} ± {dp_se:.2f}", f"{ds:+.4f} ± {ds_se:.4f}"]
     lines.append(f"| {bits} | {method} | {len(by_seed)} | {psnr:.2f} | {ssim:.4f} | "
                  + " | ".join(cells) + " |")
   return "\n".join(lines)
-
-
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
-  x = np.asarray(x, np.float64)
-  return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
 def _paired_runs(reports: list[dict]) -> list[dict]:

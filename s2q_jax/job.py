@@ -215,7 +215,7 @@ def _run(cfg: ConfigDict, pipe: pipeline_lib.Pipeline | None) -> dict[str, Any] 
       if pipe is not None:  # metrics and files on pixels
         fp, q = pipeline_lib.decode(pipe, [fp_videos, q_videos], cfg.model.dtype)
       per_video = metrics.per_video(fp, q)
-      scores = {k: float(np.mean(v)) for k, v in per_video.items()}
+      scores = metrics.means(per_video)
       finite.check_metrics(scores)
       videos, mp4s = [], []
       for i, name in enumerate(names):

@@ -77,7 +77,18 @@ def per_video(reference: np.ndarray, test: np.ndarray) -> dict[str, np.ndarray]:
 
 def summarize(reference: np.ndarray, test: np.ndarray) -> dict[str, float]:
   """Metrics averaged over videos (PSNR of identical videos is reported as inf)."""
-  return {k: float(np.mean(v)) for k, v in per_video(reference, test).items()}
+  return means(per_video(reference, test))
+
+
+def means(scores: dict[str, np.ndarray]) -> dict[str, float]:
+  """{metric: mean over videos} of `per_video`'s scores."""
+  return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def mean_and_standard_error(x) -> tuple[float, float]:
+  """Mean of `x` and its standard error (0 for a single value)."""
+  x = np.asarray(x, np.float64)
+  return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
 def standard_errors(scores: dict[str, np.ndarray]) -> dict[str, float | None]:
@@ -88,9 +99,5 @@ def standard_errors(scores: dict[str, np.ndarray]) -> dict[str, float | None]:
   videos is uncertain by more than the gaps between good methods: reported
   beside every mean so nobody ranks runs inside it.
   """
-  out = {}
-  for k, v in scores.items():
-    v = np.asarray(v, np.float64)
-    out[k] = (float(np.std(v, ddof=1) / np.sqrt(len(v)))
-              if len(v) > 1 and np.all(np.isfinite(v)) else None)
-  return out
+  return {k: mean_and_standard_error(v)[1] if len(v) > 1 and np.all(np.isfinite(v)) else None
+          for k, v in scores.items()}

@@ -55,10 +55,6 @@ def _row_name(run: str, report: dict) -> str:
   return name[len(prefix):] if name.startswith(prefix) else report["method"]
 
 
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
-  return float(np.mean(x)), float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
-
-
 def evaluate(runs: list[str], videos: int, noise_seed: int, model_path: str = "") -> dict:
   """{run: {"method", "bits", "seed", "psnr": [per video], "ssim": [...]}} on fresh videos."""
   reports = {run: _read_report(run) for run in runs}
@@ -85,7 +81,7 @@ def evaluate(runs: list[str], videos: int, noise_seed: int, model_path: str = ""
     psnr, ssim = metrics.psnr(reference, test), metrics.ssim(reference, test)
     out[run] = {"method": _row_name(run, report), "bits": f"W{report['w_bits']}A{report['a_bits']}",
                 "seed": report["eval"]["seed"], "psnr": psnr.tolist(), "ssim": ssim.tolist()}
-    (p, p_se), (s, s_se) = _mean_se(psnr), _mean_se(ssim)
+    (p, p_se), (s, s_se) = (metrics.mean_and_standard_error(x) for x in (psnr, ssim))
     print(f"  {run}: PSNR {p:.2f} ± {p_se:.2f} dB (min {psnr.min():.1f}), SSIM {s:.4f} ± "
           f"{s_se:.4f}", flush=True)
   return out
