@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from s2q_jax import sharding
-from s2q_jax.quant.apply import replace_module
+from s2q_jax.quant.apply import graph_path, replace_module
 from s2q_jax.sampling import Scheduler, make_schedule, sample, sample_keys, sample_trajectory
 
 
@@ -79,7 +79,7 @@ def step_model(graphdef: nnx.GraphDef, state: nnx.State, mesh: jax.sharding.Mesh
                      copy=True)
   model = nnx.merge(graphdef, state, copy=True)
   blocks = model.calibration_blocks()
-  inside = [tuple(int(k) if k.isdigit() else k for k in path.split(".")) for path, _ in blocks]
+  inside = [graph_path(path) for path, _ in blocks]
   rest = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model))
           if not any(p[:len(q)] == q for q in inside)]
   nnx.update(model, sharding.gather(nnx.from_flat_state(rest), mesh))

@@ -54,9 +54,14 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
     setattr(parent, path[-1], new)
 
 
+def graph_path(dotted_path: str) -> tuple[str | int, ...]:
+  """``transformer_blocks.3.attn1`` → ``("transformer_blocks", 3, "attn1")``, as nnx paths are."""
+  return tuple(int(k) if k.isdigit() else k for k in dotted_path.split("."))
+
+
 def replace_module(model: nnx.Module, dotted_path: str, new: nnx.Module) -> None:
   """Puts `new` at `dotted_path` (e.g. ``transformer_blocks.3.attn1.to_q``) in place."""
-  _replace(model, tuple(int(k) if k.isdigit() else k for k in dotted_path.split(".")), new)
+  _replace(model, graph_path(dotted_path), new)
 
 
 def quantize_model(model: nnx.Module, rules: Sequence[QuantRule],

@@ -10,19 +10,25 @@ resumes from the last one; at the end the weights are written in diffusers
 format to `config.output` (the EMA weights if `ema_decay` > 0), with the
 condition embeddings beside. `config.init_from` starts from an exported model
 (a warm restart of the learning-rate schedule) instead of random weights.
+`config.max_minutes` bounds one run's wall time (a lent accelerator's time
+slot): at the limit it checkpoints and exports what it has, and the same
+command resumes it later. Batches are drawn on a host thread ahead of the
+step, so an accelerator does not wait for numpy.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import sys
 import time
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import app
+from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
@@ -33,7 +39,9 @@ from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrai
 from s2q_jax.conditions import save_conditions
 from s2q_jax.sampling import add_noise, make_schedule, v_target
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_embedded.py")
+# No default file: one would be read at import, relative to wherever that happens.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/train_embedded.py:<stage>",
+                                          lock_config=True)
 
 
 def _train_step_fn(schedule, num_timesteps: int, null_cond: jax.Array, cond_dropout: float):
@@ -80,8 +88,34 @@ def _warm_start(model: nnx.Module, folder: str) -> None:
   print(f"initialised from {folder}")
 
 
+def _prefetched(batches: Iterator, depth: int = 4) -> Iterator:
+  """`batches` in the same order, drawn up to `depth` ahead on one host thread."""
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    ahead = [pool.submit(next, batches) for _ in range(depth)]
+    while True:
+      batch = ahead.pop(0).result()
+      ahead.append(pool.submit(next, batches))
+      yield batch
+
+
+def _export(model: nnx.Module, ema: EMA, cfg, conditions: np.ndarray) -> None:
+  """Writes the model (its EMA weights when `ema_decay` > 0) to `cfg.output`, the model untouched."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if cfg.ema_decay > 0:
+    params = jax.tree.map(jnp.copy, params)
+    nnx.replace_by_pure_dict(params, ema.params)
+  exported = nnx.merge(graphdef, params, rest)
+  with atomic_output_dir(cfg.output, overwrite=True) as tmp:
+    save_diffusers(exported, tmp)
+    save_conditions(tmp, conditions, [procedural.class_name(i)
+                                      for i in range(procedural.NUM_CLASSES)])
+
+
 def main(_) -> int:
   cfg = _CONFIG.value
+  if not 0 <= cfg.warmup_steps < cfg.num_steps:
+    raise SystemExit(f"error: warmup_steps={cfg.warmup_steps} must be in [0, num_steps="
+                     f"{cfg.num_steps})")
   model_cfg = CogVideoXConfig.from_dict(dict(cfg.model))
   model = CogVideoXTransformer3D(model_cfg, rngs=nnx.Rngs(cfg.seed))
   if cfg.init_from:
@@ -112,39 +146,43 @@ def main(_) -> int:
     nnx.update((model, optimizer, ema), state)
     print(f"resumed from step {start}")
 
-  data = procedural.batch_iterator(cfg.batch_size, seed=cfg.seed + start,
-                                   num_frames=cfg.data.num_frames, height=cfg.data.height,
-                                   width=cfg.data.width)
+  data = _prefetched(procedural.batch_iterator(cfg.batch_size, seed=cfg.seed + start,
+                                               num_frames=cfg.data.num_frames,
+                                               height=cfg.data.height, width=cfg.data.width))
   key = jax.random.key(cfg.seed)
   t0, losses = time.perf_counter(), []
-  for step in range(start, cfg.num_steps):
+  step = start
+  while step < cfg.num_steps:
     videos, labels = next(data)
-    loss = step_fn(model, optimizer, ema, jnp.asarray(videos), cond_table[labels],
-                   jax.random.fold_in(key, step))
-    losses.append(float(loss))
-    if (step + 1) % cfg.log_every == 0:
-      rate = (step + 1 - start) / (time.perf_counter() - t0)
-      eta = (cfg.num_steps - step - 1) / rate
-      print(f"step {step + 1}/{cfg.num_steps} loss {np.mean(losses):.4f} "
-            f"({rate:.2f} steps/s, {eta / 60:.0f} min left)", flush=True)
+    # Kept on device and read at the log: a read per step would stall an accelerator.
+    losses.append(step_fn(model, optimizer, ema, jnp.asarray(videos), cond_table[labels],
+                          jax.random.fold_in(key, step)))
+    step += 1
+    minutes = (time.perf_counter() - t0) / 60
+    out_of_time = 0 < cfg.max_minutes <= minutes
+    if step % cfg.log_every == 0 or out_of_time:
+      rate = (step - start) / (minutes * 60)
+      print(f"step {step}/{cfg.num_steps} loss {np.mean(jax.device_get(losses)):.4f} "
+            f"({rate:.2f} steps/s, {(cfg.num_steps - step) / rate / 60:.0f} min left)",
+            flush=True)
       losses = []
-    if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.num_steps:
-      manager.save(step + 1, args=ocp.args.StandardSave(
+    if step % cfg.checkpoint_every == 0 or step == cfg.num_steps or out_of_time:
+      manager.save(step, args=ocp.args.StandardSave(
           nnx.to_pure_dict(nnx.state((model, optimizer, ema)))))
+    if out_of_time:
+      break
   manager.wait_until_finished()
 
-  if cfg.ema_decay > 0:
-    params = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(params, ema.params)
-    nnx.update(model, params)
-  with atomic_output_dir(cfg.output, overwrite=True) as tmp:
-    save_diffusers(model, tmp)
-    save_conditions(tmp, conditions, [procedural.class_name(i)
-                                      for i in range(procedural.NUM_CLASSES)])
-  print(f"wrote {cfg.output} after {cfg.num_steps} steps "
-        f"({(time.perf_counter() - t0) / 60:.1f} min this run)")
+  _export(model, ema, cfg, conditions)
+  minutes = (time.perf_counter() - t0) / 60
+  if step < cfg.num_steps:
+    print(f"stopped at step {step}/{cfg.num_steps} after max_minutes={cfg.max_minutes} "
+          f"({minutes:.1f} min); wrote what it has to {cfg.output}; the same command resumes")
+  else:
+    print(f"wrote {cfg.output} after {cfg.num_steps} steps ({minutes:.1f} min this run)")
   return 0
 
 
 if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
   sys.exit(app.run(main))
