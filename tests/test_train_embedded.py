@@ -1,8 +1,7 @@
 """The embedded model's trainer: export of the EMA weights, a wall-time stop that resumes."""
+import importlib.util
 import itertools
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,6 +16,10 @@ from s2q_jax.models import CogVideoXConfig, CogVideoXTransformer3D, load_pretrai
 from s2q_jax.tools import train_embedded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location(
+    "train_config", os.path.join(ROOT, "configs", "train_embedded.py"))
+train_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_config)
 SMALL = dict(num_attention_heads=1, attention_head_dim=16, time_embed_dim=16, text_embed_dim=8,
              num_layers=1, sample_width=16, sample_height=16)
 
@@ -61,27 +64,23 @@ def _small_model():
               max_text_seq_length=8, use_rotary_positional_embeddings=True, **SMALL)
 
 
-def _train(tmp_path, *extra):
-  flags = [f"--config.model.{k}={v}" for k, v in SMALL.items()]
-  flags += ["--config.data.height=16", "--config.data.width=16", "--config.batch_size=2",
-            "--config.num_steps=3", "--config.warmup_steps=1", "--config.log_every=1",
-            "--config.checkpoint_every=100", "--config.ema_decay=0.5",
-            f"--config.workdir={tmp_path / 'work'}", f"--config.output={tmp_path / 'model'}"]
-  run = subprocess.run(
-      [sys.executable, "-m", "s2q_jax.tools.train_embedded",
-       "--config", os.path.join(ROOT, "configs", "train_embedded.py") + ":base", *flags, *extra],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert run.returncode == 0, run.stderr[-3000:]
-  return run.stdout
+def _train(tmp_path, capsys, **extra):
+  cfg = train_config.get_config("base")
+  cfg.model.update(SMALL)
+  cfg.data.update(height=16, width=16)
+  cfg.update(batch_size=2, num_steps=3, warmup_steps=1, log_every=1, checkpoint_every=100,
+             ema_decay=0.5, workdir=str(tmp_path / "work"), output=str(tmp_path / "model"),
+             **extra)
+  assert train_embedded.train(cfg) == 0
+  return capsys.readouterr().out
 
 
-def test_a_wall_time_stop_exports_and_the_same_command_resumes(tmp_path):
-  out = _train(tmp_path, "--config.max_minutes=1e-9")
+def test_a_wall_time_stop_exports_and_the_same_command_resumes(tmp_path, capsys):
+  out = _train(tmp_path, capsys, max_minutes=1e-9)
   assert "stopped at step 1/3" in out
   stopped = [np.asarray(p) for p in _params(load_pretrained(str(tmp_path / "model"), "float32"))]
   assert all(np.isfinite(p).all() for p in stopped)
-  out = _train(tmp_path)
+  out = _train(tmp_path, capsys)
   assert "resumed from step 1" in out and "after 3 steps" in out
   assert "step 2/3" in out and "step 1/3" not in out
   done = _params(load_pretrained(str(tmp_path / "model"), "float32"))

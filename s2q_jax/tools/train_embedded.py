@@ -112,7 +112,11 @@ def _export(model: nnx.Module, ema: EMA, cfg, conditions: np.ndarray) -> None:
 
 
 def main(_) -> int:
-  cfg = _CONFIG.value
+  return train(_CONFIG.value)
+
+
+def train(cfg) -> int:
+  """Runs (or resumes) the training `cfg` describes (configs/train_embedded.py); 0 when done."""
   if not 0 <= cfg.warmup_steps < cfg.num_steps:
     raise SystemExit(f"error: warmup_steps={cfg.warmup_steps} must be in [0, num_steps="
                      f"{cfg.num_steps})")
