@@ -68,10 +68,10 @@ def _train(tmp_path, capsys, **extra):
   cfg = train_config.get_config("base")
   cfg.model.update(SMALL)
   cfg.data.update(height=16, width=16)
-  cfg.update(batch_size=2, num_steps=3, warmup_steps=1, log_every=1, checkpoint_every=100,
-             ema_decay=0.5, workdir=str(tmp_path / "work"), output=str(tmp_path / "model"),
-             **extra)
-  assert train_embedded.train(cfg) == 0
+  cfg.update({**dict(batch_size=2, num_steps=3, warmup_steps=1, log_every=1,
+                     checkpoint_every=100, ema_decay=0.5, workdir=str(tmp_path / "work"),
+                     output=str(tmp_path / "model")), **extra})
+  train_embedded.train(cfg)
   return capsys.readouterr().out
 
 
@@ -87,6 +87,11 @@ def test_a_wall_time_stop_exports_and_the_same_command_resumes(tmp_path, capsys)
   assert any(not np.array_equal(a, b) for a, b in zip(done, stopped))
 
 
+def test_a_warmup_as_long_as_the_run_is_refused(tmp_path, capsys):
+  with pytest.raises(SystemExit, match="warmup_steps=3 must be in"):
+    _train(tmp_path, capsys, warmup_steps=3)
+
+
 def test_a_mismatched_warm_start_is_refused(tmp_path):
   small = CogVideoXTransformer3D(CogVideoXConfig.from_dict(_small_model()), rngs=nnx.Rngs(0))
   save_diffusers(small, str(tmp_path / "src"))
@@ -94,3 +99,4 @@ def test_a_mismatched_warm_start_is_refused(tmp_path):
                                rngs=nnx.Rngs(0))
   with pytest.raises(SystemExit, match="another architecture"):
     train_embedded._warm_start(big, str(tmp_path / "src"))
+

@@ -102,7 +102,6 @@ def _export(model: nnx.Module, ema: EMA, cfg, conditions: np.ndarray) -> None:
   """Writes the model (its EMA weights when `ema_decay` > 0) to `cfg.output`, the model untouched."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if cfg.ema_decay > 0:
-    params = jax.tree.map(jnp.copy, params)
     nnx.replace_by_pure_dict(params, ema.params)
   exported = nnx.merge(graphdef, params, rest)
   with atomic_output_dir(cfg.output, overwrite=True) as tmp:
@@ -112,11 +111,12 @@ def _export(model: nnx.Module, ema: EMA, cfg, conditions: np.ndarray) -> None:
 
 
 def main(_) -> int:
-  return train(_CONFIG.value)
+  train(_CONFIG.value)
+  return 0
 
 
-def train(cfg) -> int:
-  """Runs (or resumes) the training `cfg` describes (configs/train_embedded.py); 0 when done."""
+def train(cfg) -> None:
+  """Runs (or resumes) the training `cfg` describes (configs/train_embedded.py)."""
   if not 0 <= cfg.warmup_steps < cfg.num_steps:
     raise SystemExit(f"error: warmup_steps={cfg.warmup_steps} must be in [0, num_steps="
                      f"{cfg.num_steps})")
@@ -184,7 +184,6 @@ def train(cfg) -> int:
           f"({minutes:.1f} min); wrote what it has to {cfg.output}; the same command resumes")
   else:
     print(f"wrote {cfg.output} after {cfg.num_steps} steps ({minutes:.1f} min this run)")
-  return 0
 
 
 if __name__ == "__main__":
