@@ -39,6 +39,8 @@ def base_config(w_bits: int, a_bits: int, method: str) -> ml_collections.ConfigD
   # contiguous bands of sampler steps (salient_stratified); 0: one per chosen position, so
   # the chosen steps spread over the whole trajectory
   c.calib.bands = 0
+  # contiguous: bands of consecutive steps | spread: one step per band, evenly spaced
+  c.calib.band_layout = "contiguous"
   c.calib.band_quota = "equal"  # equal | salience: ∝ the band's mean diffusion salience
   c.calib.diffusion_salience = "latent"  # latent: ‖x_t − x_{t−1}‖²/‖x_t‖² | x0: change of x̂₀
   c.calib.salience = "input"  # input: ‖x_tᵀx_t‖₂ of the latent | layer: Σ over quantized layers

@@ -73,6 +73,24 @@ def test_zero_bands_gives_one_band_per_sample():
   assert steps[chosen].tolist() == [2, 5, 8, 11]
 
 
+def test_spread_bands_take_evenly_spaced_steps_and_rank_prompts_within_each():
+  rng = np.random.default_rng(5)
+  num_steps, num_prompts = 12, 3
+  steps = np.repeat(np.arange(num_steps), num_prompts)
+  c_diff = np.linspace(0.0, 1.0, num_steps)[steps] ** 4 + 0.01 * rng.random(steps.size)
+  c_quant = rng.random(steps.size)
+  chosen = stratified_indices(c_diff, c_quant, steps, num_steps, 4, bands=0, layout="spread")
+  # round(linspace(0, 11, 4)) = 0, 4, 7, 11: the noisiest and the last step both in.
+  assert steps[chosen].tolist() == [0, 4, 7, 11]
+  for i in chosen:  # within its step, the best C̄_diff · C̄_quant of that step alone
+    at = np.flatnonzero(steps == steps[i])
+    assert i == at[np.argmax(salient_scores(c_diff[at], c_quant[at]))]
+  every = stratified_indices(c_diff, c_quant, steps, num_steps, 12, bands=0, layout="spread")
+  assert np.bincount(steps[every]).tolist() == [1] * num_steps
+  with pytest.raises(ValueError, match="band layout"):
+    stratified_indices(c_diff, c_quant, steps, num_steps, 4, bands=0, layout="even")
+
+
 def test_prompt_cap_spreads_samples_over_prompts():
   rng = np.random.default_rng(3)
   num_steps, num_prompts = 10, 4

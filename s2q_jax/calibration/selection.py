@@ -5,6 +5,7 @@ import numpy as np
 
 METHODS = ("salient_stratified", "salient", "uniform", "random")
 BAND_QUOTAS = ("equal", "salience")
+BAND_LAYOUTS = ("contiguous", "spread")
 
 
 def minmax_normalize(scores: np.ndarray) -> np.ndarray:
@@ -91,11 +92,15 @@ def band_quotas(band_sizes: np.ndarray, num_samples: int, weights: np.ndarray | 
 
 def stratified_indices(c_diff: np.ndarray, c_quant: np.ndarray, steps: np.ndarray,
                        num_steps: int, num_samples: int, bands: int,
-                       quota: str = "equal", prompts: np.ndarray | None = None) -> np.ndarray:
+                       quota: str = "equal", prompts: np.ndarray | None = None,
+                       layout: str = "contiguous") -> np.ndarray:
   """Salient selection within timestep bands, spread over the prompts; indices in pool order.
 
-  The sampler's steps are split into `bands` contiguous bands of (nearly) equal
-  length (0: one band per sample; at most one per step); each band gets its
+  `contiguous`: the sampler's steps are split into `bands` contiguous bands of
+  (nearly) equal length (0: one band per sample; at most one per step).
+  `spread`: each band is one step, the `bands` steps evenly spaced from the
+  first to the last (all steps when there are at least as many bands), so
+  the product ranks only the prompts at a step. Each band gets its
   quota of samples (`equal`, or ∝ the band's mean diffusion salience for
   `salience`) and keeps its top C̄_diff · C̄_quant, both min-max normalised
   within the band. Global min-max lets the steps where the latent changes most
@@ -107,14 +112,26 @@ def stratified_indices(c_diff: np.ndarray, c_quant: np.ndarray, steps: np.ndarra
   band: C̄_quant is largely a property of the prompt's video, so without the cap
   two or three prompts take nearly every band and calibration sees little of
   the content. Bands are filled best candidate first across all bands.
+
+  Why `spread`: in a band of two steps, C̄_diff (rising along a
+  zero-terminal-SNR trajectory) min-max normalises to 0 for nearly every
+  candidate of the earlier step, so `contiguous` with more steps than bands
+  always skips the same steps, the noisiest one included.
   """
   if quota not in BAND_QUOTAS:
     raise ValueError(f"band quota {quota!r}: choose one of {', '.join(BAND_QUOTAS)}")
+  if layout not in BAND_LAYOUTS:
+    raise ValueError(f"band layout {layout!r}: choose one of {', '.join(BAND_LAYOUTS)}")
   steps = np.asarray(steps)
   if isinstance(bands, bool) or not isinstance(bands, (int, np.integer)) or bands < 0:
     raise ValueError(f"bands must be a non-negative integer (0: one per sample), got {bands!r}")
   bands = min(bands or num_samples, num_steps)  # at most one band per step
-  band = steps * bands // num_steps
+  if layout == "spread":
+    band_steps = np.round(np.linspace(0, num_steps - 1, bands)).astype(int)  # distinct
+    band = np.searchsorted(band_steps, steps)
+    band = np.where(band_steps[np.minimum(band, bands - 1)] == steps, band, -1)  # -1: no band
+  else:
+    band = steps * bands // num_steps
   members = [np.flatnonzero(band == b) for b in range(bands)]
   c_diff, c_quant = np.asarray(c_diff, np.float64), np.asarray(c_quant, np.float64)
   weights = None
@@ -133,7 +150,7 @@ def stratified_indices(c_diff: np.ndarray, c_quant: np.ndarray, steps: np.ndarra
   order = np.argsort(-score, kind="stable")  # ties: the earlier candidate
   for limit in (cap, num_samples):  # the cap first; a second pass fills what it left open
     for i in order:
-      if not taken[i] and left[band[i]] > 0 and used[prompt_ids[i]] < limit:
+      if band[i] >= 0 and not taken[i] and left[band[i]] > 0 and used[prompt_ids[i]] < limit:
         taken[i] = True
         left[band[i]] -= 1
         used[prompt_ids[i]] += 1

@@ -85,7 +85,8 @@ def select_positions(model: nnx.Module, pool: Pool, cfg, log=print) -> np.ndarra
       if method == "salient":
         return select_indices(salient_scores(c_diff, c_quant), n)
       return stratified_indices(c_diff, c_quant, pool.steps, int(pool.steps.max()) + 1, n,
-                                cfg.calib.bands, cfg.calib.band_quota, pool.prompt_index())
+                                cfg.calib.bands, cfg.calib.band_quota, pool.prompt_index(),
+                                cfg.calib.band_layout)
     return select_indices(None, n, method, pool_size=len(pool), seed=cfg.seed)
   except ValueError as e:
     raise UserError(f"calib: {e}") from None

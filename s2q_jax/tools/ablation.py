@@ -24,6 +24,7 @@ VARIANTS = {
     "salient (literal)": ("s2q", {"calib.selection": "salient"}),
     "5 bands": ("s2q", {"calib.bands": 5}),
     "5 bands with salience quotas": ("s2q", {"calib.bands": 5, "calib.band_quota": "salience"}),
+    "spread bands": ("s2q", {"calib.band_layout": "spread"}),
     "x0 diffusion salience": ("s2q", {"calib.diffusion_salience": "x0"}),
     "uniform selection": ("s2q", {"calib.selection": "uniform"}),
     "uniform token weights": ("s2q", {"distill.token_weighting": "uniform"}),
