@@ -203,3 +203,16 @@ def test_report_shows_the_selection_histogram():
   lines = "\n".join(report_lib._calibration_markdown(calibration))
   assert "2 of 6 candidate steps selected: 4 model inputs, 2 of them with the null prompt" in lines
   assert "| inputs | 2 | 0 | 2 |" in lines
+
+
+def test_the_job_setting_chooses_the_band_layout(pool):
+  from s2q_jax.methods.s2q import select_positions  # pylint: disable=import-outside-toplevel
+  model = CogVideoXTransformer3D(ONE_BLOCK, rngs=nnx.Rngs(0))
+  cfg = base_config(4, 6, "s2q")
+  cfg.calib.num_samples = 4  # 2 positions and their null-prompt twins, of 3 steps
+  cfg.calib.band_layout = "spread"
+  chosen = select_positions(model, pool, cfg, log=lambda *_: None)
+  assert np.bincount(pool.steps[chosen], minlength=3).tolist() == [1, 0, 1]  # first and last
+  cfg.calib.band_layout = "even"
+  with pytest.raises(UserError, match="band layout 'even'"):
+    select_positions(model, pool, cfg, log=lambda *_: None)

@@ -4,10 +4,11 @@
 
 Variants: s2q (default), the paper's literal global salient selection, 5
 selection bands (the previous default) with equal quotas or quotas ∝ diffusion
-salience, x̂₀ diffusion salience, uniform selection, uniform token weights, no
-learned Kronecker transform, no learned activation clipping, the Kronecker
-transform started at Hadamard instead of the identity, round-to-nearest codes instead
-of GPTQ's at the freeze. With `--workdir` of a
+salience, one-step bands spread over the trajectory, x̂₀ diffusion salience,
+uniform selection, uniform token weights, no learned Kronecker transform, no
+learned activation clipping, the Kronecker transform started at Hadamard
+instead of the identity, round-to-nearest codes instead of GPTQ's at the
+freeze. With `--workdir` of a
 `compare` run the s2q rows are reused. Runs share the model, evaluation noise and conditions,
 FP videos and candidate pool of each seed (`s2q_jax.compare`, whose runner
 this uses); finished runs are not run again. Writes ablation.json / .md / .png.
