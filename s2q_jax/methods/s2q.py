@@ -70,7 +70,8 @@ def select_positions(model: nnx.Module, pool: Pool, cfg, log=print) -> np.ndarra
   """Pool positions to calibrate on, by `calib.selection`.
 
   salient_stratified (default): the sampler's steps split into `calib.bands`
-  bands (0: one per position), each with its quota (`calib.band_quota`),
+  bands (0: one per position; `calib.band_layout`: contiguous steps, or one step
+  each spread over the trajectory), each with its quota (`calib.band_quota`),
   ranked by C within the band, no prompt taking much more than its share.
   salient: the paper's literal global top-N of C (on zero-terminal-SNR
   schedules it takes only the last steps). uniform | random: ablations.
