@@ -127,11 +127,11 @@ def stratified_indices(c_diff: np.ndarray, c_quant: np.ndarray, steps: np.ndarra
     raise ValueError(f"bands must be a non-negative integer (0: one per sample), got {bands!r}")
   bands = min(bands or num_samples, num_steps)  # at most one band per step
   if layout == "spread":
-    band_steps = np.round(np.linspace(0, num_steps - 1, bands)).astype(int)  # distinct
-    band = np.searchsorted(band_steps, steps)
-    band = np.where(band_steps[np.minimum(band, bands - 1)] == steps, band, -1)  # -1: no band
+    band_of_step = np.full(num_steps, -1)  # -1: a step in no band
+    band_of_step[np.round(np.linspace(0, num_steps - 1, bands)).astype(int)] = np.arange(bands)
   else:
-    band = steps * bands // num_steps
+    band_of_step = np.arange(num_steps) * bands // num_steps
+  band = band_of_step[steps]
   members = [np.flatnonzero(band == b) for b in range(bands)]
   c_diff, c_quant = np.asarray(c_diff, np.float64), np.asarray(c_quant, np.float64)
   weights = None
